@@ -1,0 +1,29 @@
+"""rayexec: a Ray-based distributed executor for LLM inference.
+
+Places one worker actor per device on a placement group, orders them into ranks,
+gives each node's workers one device-visibility list, exposes `collective_rpc`,
+and runs each forward step as a compiled Ray DAG shaped PP stages x TP workers.
+"""
+
+from rayexec.config import ExecutorConfig
+from rayexec.errors import (
+    ExecutorClosedError,
+    ExecutorTimeoutError,
+    PlacementError,
+    RayExecError,
+    WorkerDiedError,
+    WorkerError,
+)
+from rayexec.executor import RayDistributedExecutor
+
+__all__ = [
+    "ExecutorClosedError",
+    "ExecutorConfig",
+    "ExecutorTimeoutError",
+    "PlacementError",
+    "RayDistributedExecutor",
+    "RayExecError",
+    "WorkerDiedError",
+    "WorkerError",
+]
+__version__ = "0.1.0"

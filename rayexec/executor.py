@@ -1,0 +1,415 @@
+"""RayDistributedExecutor: placement + worker group + forward steps + health.
+
+    with RayDistributedExecutor(ExecutorConfig(worker_cls=MyWorker, ...)) as ex:
+        ex.collective_rpc("some_method")          # on every rank, results in rank order
+        out = ex.execute_model(batch)              # one step through the PP x TP DAG
+
+Start-up: import the worker class on the driver (clear error if it cannot be),
+join or start Ray, resolve the device kind and the stage transport, acquire the
+placement group, start the WorkerGroup (ranks, environments, init_worker), call
+init_device / load_model where the class defines them, start the death monitor.
+Any failure on the way shuts down what was started and re-raises.
+
+Steps go through the compiled DAG (forward="dag", compiled on first use or by
+warmup()) or through chained plain Ray calls (forward="rpc"); both return the last
+stage's first TP rank's output, and non-blocking steps resolve in submission order.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import ray
+from ray.exceptions import (
+    GetTimeoutError,
+    RayActorError,
+    RayChannelError,
+    RayChannelTimeoutError,
+    RayTaskError,
+)
+
+from rayexec.config import ExecutorConfig
+from rayexec.dag import ForwardDag, check_compiled_graphs, resolve_transport
+from rayexec.errors import (
+    ExecutorClosedError,
+    ExecutorTimeoutError,
+    WorkerDiedError,
+    WorkerError,
+)
+from rayexec.futures import StepQueue
+from rayexec.group import Method, WorkerGroup
+from rayexec.layout import RankPlan
+from rayexec.monitor import DeathMonitor
+from rayexec.placement import acquire_placement, ensure_ray
+from rayexec.platform import Platform, resolve_platform
+from rayexec.worker import import_worker_cls
+
+logger = logging.getLogger(__name__)
+
+FailureCallback = Callable[[WorkerDiedError], None]
+DAG_TEARDOWN_TIMEOUT_S = 5.0
+PROGRESS_TIMEOUT_S = 2.0
+
+
+class _Parts:
+    """What shutdown must release; kept apart from the executor so that
+    weakref.finalize can release it without holding the executor alive."""
+
+    def __init__(self) -> None:
+        self.group: WorkerGroup | None = None
+        self.placement = None
+        self.dag: ForwardDag | None = None
+        self.monitor: DeathMonitor | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.steps = StepQueue()
+
+    def release(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+        self.steps.fail_all(ExecutorClosedError("the executor was shut down"))
+        self.steps.clear()
+        if self.dag is not None:
+            self.dag.teardown(DAG_TEARDOWN_TIMEOUT_S)
+            self.dag = None
+        if self.group is not None:
+            self.group.shutdown()  # kills the actors, which also frees a stuck teardown
+        elif self.placement is not None:
+            from rayexec.placement import remove_group
+
+            remove_group(self.placement)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RayDistributedExecutor:
+    """Runs an engine's workers on Ray, PP stages x TP workers."""
+
+    def __init__(self, config: ExecutorConfig) -> None:
+        if not isinstance(config, ExecutorConfig):
+            raise TypeError(f"expected an ExecutorConfig, got {type(config).__name__}")
+        self.config = config
+        self._parts = _Parts()
+        self._finalizer = weakref.finalize(self, self._parts.release)
+        self._closed = False
+        self._step_id = 0
+        self._callbacks: list[FailureCallback] = []
+        self._dead: dict[int, str] = {}  # rank -> node IP
+        self._state_lock = threading.Lock()
+        self.platform: Platform | None = None
+        self.transport: str | None = None
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- start-up -------------------------------------------------------------------------
+    def _start(self) -> None:
+        c = self.config
+        self.worker_cls = import_worker_cls(c.worker_cls)
+        if c.forward == "dag":
+            check_compiled_graphs()
+        how = ensure_ray(c)
+        # Registered after Ray's own atexit hook, so it runs first: an executor left
+        # open at exit is shut down while Ray still works.
+        atexit.register(self._finalizer)
+        resources = ray.cluster_resources()
+        self.platform = resolve_platform(c.device, resources,
+                                         c.device == "auto" and _torch_is_hip(resources))
+        if c.forward == "dag":
+            self.transport = resolve_transport(c.channel, self.platform.resource_key == "GPU")
+        logger.info("Ray: %s; device %s; forward %s%s", how, self.platform.name, c.forward,
+                    f" over {self.transport}" if self.transport else "")
+        self._parts.placement = acquire_placement(c, self.platform)
+        group = WorkerGroup(c, self.platform, self._parts.placement)
+        self._parts.group = group
+        group.start()
+        for phase in ("init_device", "load_model"):
+            if callable(getattr(self.worker_cls, phase, None)):
+                group.run(phase)
+        # A weak method: the monitor thread must not keep the executor alive, or
+        # weakref.finalize could never run.
+        on_death = weakref.WeakMethod(self._on_death)
+        self._parts.monitor = DeathMonitor(
+            group.actors, lambda ranks, errors: (on_death() or _ignore)(ranks, errors)
+        )
+        self._parts.monitor.start()
+
+    def warmup(self) -> None:
+        """Compile the forward DAG now rather than on the first step."""
+        self._check_usable()
+        if self.config.forward == "dag":
+            with self._parts.steps.lock:
+                self._ensure_dag()
+
+    def _ensure_dag(self) -> ForwardDag:
+        if self._parts.dag is None:
+            grid = self._group.topology.grid(self._group.actors)
+            self._parts.dag = ForwardDag(grid, self.transport, self.config.overlap_comm,
+                                         submit_timeout_s=self.config.execute_timeout_s)
+        return self._parts.dag
+
+    # ---- public facts -----------------------------------------------------------------
+    @property
+    def _group(self) -> WorkerGroup:
+        assert self._parts.group is not None, "executor not started"
+        return self._parts.group
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def layout(self) -> list[RankPlan]:
+        """One RankPlan per rank: node, devices, pp/tp rank, environment."""
+        return list(self._group.plans)
+
+    @property
+    def pp_tp_workers(self) -> list[list[Any]]:
+        """The worker actors as grid[pp_rank][tp_rank]."""
+        return self._group.topology.grid(self._group.actors)
+
+    @property
+    def workers(self) -> list[Any]:
+        """The worker actors in rank order."""
+        return list(self._group.actors)
+
+    @property
+    def placement_group(self) -> Any:
+        return self._parts.placement.group if self._parts.placement else None
+
+    # ---- collective_rpc -------------------------------------------------------------------
+    def collective_rpc(
+        self,
+        method: Method,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        non_block: bool = False,
+        ranks: Sequence[int] | None = None,
+    ) -> list[Any] | Future:
+        """Call `method` (a worker method name, or a callable taking the worker first)
+        on every rank (or `ranks`); results in rank order."""
+        self._check_open()
+        if isinstance(method, str):
+            self._check_method(method)
+        elif not callable(method):
+            raise TypeError(f"method must be a name or a callable, got {type(method).__name__}")
+        ranks = self._check_ranks(ranks)
+        timeout = self.config.rpc_timeout_s if timeout is None else timeout
+        group = self._group
+        # Submit now, in the caller's thread, so calls keep the caller's order on
+        # each actor; only the waiting happens elsewhere when non_block.
+        refs = group.run_async(method, args, kwargs, ranks)
+        name = method if isinstance(method, str) else getattr(method, "__name__", "callable")
+        wait = lambda: group._wait(refs, timeout, f"collective_rpc({name!r})",  # noqa: E731
+                                   "collective_rpc(timeout=) / rpc_timeout_s", labels=ranks)
+        if not non_block:
+            return wait()
+        if self._parts.pool is None:
+            self._parts.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rayexec-rpc")
+        return self._parts.pool.submit(wait)
+
+    def _check_method(self, name: str) -> None:
+        cls = self.worker_cls
+        # A class that forwards attributes (e.g. vLLM's WorkerWrapperBase) cannot be
+        # checked on the driver; its workers report a missing method as WorkerError.
+        if hasattr(cls, "__getattr__") or callable(getattr(cls, name, None)):
+            return
+        public = sorted(n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n)))
+        raise AttributeError(
+            f"worker class {cls.__module__}.{cls.__qualname__} has no method {name!r}; "
+            f"its methods are {public}"
+        )
+
+    def _check_ranks(self, ranks: Sequence[int] | None) -> list[int]:
+        if ranks is None:
+            return list(range(self.world_size))
+        ranks = list(ranks)
+        bad = [r for r in ranks if not isinstance(r, int) or not 0 <= r < self.world_size]
+        if bad or not ranks:
+            raise ValueError(f"ranks={ranks} is invalid: expected a non-empty list of ranks in "
+                             f"0..{self.world_size - 1}")
+        return ranks
+
+    # ---- forward steps ---------------------------------------------------------------------
+    def execute_model(self, batch: Any, non_block: bool = False) -> Any:
+        """One forward step; the output of the last stage's tp_rank 0 (or a future of it).
+
+        Up to PP non-blocking steps may be in flight; their futures resolve in
+        submission order (see futures.py)."""
+        self._check_usable()
+        steps = self._parts.steps
+        with steps.lock:
+            self._step_id += 1
+            step = self._step_id
+            if self.config.forward == "dag":
+                try:
+                    refs = self._ensure_dag().execute((step, batch))
+                except RayChannelError as e:  # torn down by Ray after a death
+                    raise self._died(e) from None
+                future = steps.submit(lambda: self._fetch_dag(refs, step))
+            else:
+                refs = self._submit_rpc(step, batch)
+                future = steps.submit(lambda: self._fetch_rpc(refs, step))
+        return future if non_block else future.result()
+
+    def _submit_rpc(self, step: int, batch: Any) -> list[ray.ObjectRef]:
+        grid = self.pp_tp_workers
+        refs = [w.execute_model_dag.remote((step, batch)) for w in grid[0]]
+        for stage in grid[1:]:
+            refs = [w.execute_model_dag.remote(r) for w, r in zip(stage, refs)]
+        return refs
+
+    def _fetch_dag(self, refs: list[Any], step: int) -> Any:
+        deadline = time.monotonic() + self.config.execute_timeout_s
+        try:
+            outs = [ref.get(timeout=max(0.0, deadline - time.monotonic())) for ref in refs]
+        except RayTaskError as e:
+            raise self._task_error(e) from None
+        except RayActorError as e:
+            raise self._died(e) from None
+        except RayChannelTimeoutError:
+            raise self._step_timeout(step) from None
+        except RayChannelError as e:  # the graph was torn down: a worker died
+            raise self._died(e) from None
+        return outs[0]
+
+    def _fetch_rpc(self, refs: list[ray.ObjectRef], step: int) -> Any:
+        try:
+            outs = ray.get(refs, timeout=self.config.execute_timeout_s)
+        except GetTimeoutError:
+            raise self._step_timeout(step) from None
+        except RayTaskError as e:
+            raise self._task_error(e) from None
+        except RayActorError as e:
+            raise self._died(e) from None
+        return outs[0]
+
+    def _task_error(self, e: RayTaskError) -> BaseException:
+        if isinstance(e.cause, WorkerError):
+            return e.cause
+        if isinstance(e.cause, RayActorError):
+            return self._died(e.cause)
+        return e
+
+    def _died(self, e: BaseException) -> WorkerDiedError:
+        err = self._group.died_error(e)
+        with self._state_lock:
+            self._dead.update(zip(err.ranks, err.nodes))
+            known = dict(self._dead)
+        if not err.ranks and known:
+            return WorkerDiedError(list(known), list(known.values()), err.detail)
+        return err
+
+    def _step_timeout(self, step: int) -> ExecutorTimeoutError:
+        """Which ranks have not finished `step`, asked outside the stuck DAG."""
+        group = self._group
+        refs = [a.get_progress.remote() for a in group.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROGRESS_TIMEOUT_S)
+        late, detail = [], []
+        for rank, ref in enumerate(refs):
+            if ref not in ready:
+                late.append(rank)
+                detail.append(f"rank {rank} did not report progress")
+                continue
+            started, finished, since = ray.get(ref)
+            if finished < step:
+                late.append(rank)
+                if started >= step:
+                    detail.append(f"rank {rank} has been in step {started} for "
+                                  f"{time.time() - since:.1f}s")
+        stages = sorted({group.topology.pp_rank(r) for r in late})
+        return ExecutorTimeoutError(f"forward step {step}", late, self.config.execute_timeout_s,
+                                    "ExecutorConfig.execute_timeout_s", stages=stages,
+                                    detail="; ".join(detail))
+
+    # ---- health -------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Ping every worker; WorkerDiedError naming dead ranks and nodes, or
+        ExecutorTimeoutError naming ranks that did not answer in time."""
+        self._check_open()
+        timeout = self.config.health_check_timeout_s
+        dead, silent = self._group.ping(timeout)
+        with self._state_lock:
+            dead = sorted(set(dead) | set(self._dead))
+        if dead:
+            raise WorkerDiedError(dead, [self._group.node_ip(r) for r in dead], "health check")
+        if silent:
+            raise ExecutorTimeoutError("health check ping", silent, timeout,
+                                       "ExecutorConfig.health_check_timeout_s")
+
+    def register_failure_callback(self, callback: FailureCallback) -> None:
+        """`callback(error: WorkerDiedError)` runs (in the monitor thread) when a worker
+        dies; at once if one already has."""
+        self._callbacks.append(callback)
+        with self._state_lock:
+            dead = dict(self._dead)
+        if dead:
+            callback(WorkerDiedError(list(dead), list(dead.values()), "died earlier"))
+
+    def _on_death(self, ranks: list[int], errors: list[BaseException]) -> None:
+        group = self._group
+        with self._state_lock:
+            for rank in ranks:
+                self._dead[rank] = group.node_ip(rank)
+        detail = str(errors[0]).splitlines()[0] if errors and str(errors[0]) else "actor died"
+        error = WorkerDiedError(ranks, [group.node_ip(r) for r in ranks], detail)
+        failed = self._parts.steps.fail_all(error)
+        logger.error("%s (%d in-flight step(s) failed)", error, failed)
+        for callback in list(self._callbacks):
+            try:
+                callback(error)
+            except Exception:
+                logger.exception("failure callback %r raised", callback)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ExecutorClosedError(
+                "this RayDistributedExecutor was shut down; create a new one to run more work"
+            )
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        with self._state_lock:
+            dead = dict(self._dead)
+        if dead:
+            raise WorkerDiedError(list(dead), list(dead.values()), "died earlier")
+
+    def shutdown(self) -> None:
+        """Tear down the DAG (bounded), kill the workers, remove a placement group we
+        created. Idempotent; safe after a partial start."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+        atexit.unregister(self._finalizer)
+
+    def __enter__(self) -> RayDistributedExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _torch_is_hip(resources: dict[str, float]) -> bool:
+    if not resources.get("GPU"):
+        return False
+    try:
+        import torch
+
+        return torch.version.hip is not None
+    except ImportError:
+        return False
+
+
+def _ignore(*_: Any) -> None:
+    pass

@@ -1,0 +1,251 @@
+"""WorkerGroup: one WorkerWrapper actor per bundle, in rank order, environment set,
+engine workers built. The part of the executor that knows nothing about steps.
+
+Start-up, in order:
+  1. create one actor per chosen bundle (static environment in its runtime_env);
+  2. ask each where it landed (node id, IP, device ids, CPUs);
+  3. decide the rank order and every worker's environment (`layout.plan_ranks`),
+     with MASTER_PORT found free on rank 0's node;
+  4. send each worker its environment, then `init_worker` with its rank kwargs.
+`run` / `run_async` call a method on all (or some) ranks; results come back in rank
+order, worker exceptions as `WorkerError`, dead actors as `WorkerDiedError`.
+`shutdown` kills the actors, waits for them to exit and removes a group we created.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayexec import envs, layout
+from rayexec.config import ExecutorConfig
+from rayexec.errors import ExecutorTimeoutError, WorkerDiedError, WorkerError
+from rayexec.placement import Placement, driver_node_ip, remove_group
+from rayexec.platform import Platform
+from rayexec.worker import CONCURRENCY_GROUPS, WorkerWrapper
+
+logger = logging.getLogger(__name__)
+
+ActorHandle = Any
+Method = str | Callable[..., Any]
+
+
+def _url_host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
+
+
+class WorkerGroup:
+    """The worker actors of one executor (or one SPMD group), in rank order."""
+
+    def __init__(self, config: ExecutorConfig, platform: Platform, placement: Placement) -> None:
+        self.config = config
+        self.platform = platform
+        self.placement = placement
+        self.topology = layout.Topology(config.pipeline_parallel_size, config.tensor_parallel_size)
+        self.actors: list[ActorHandle] = []  # rank order once started
+        self.plans: list[layout.RankPlan] = []
+        self._created: list[ActorHandle] = []  # creation order, for cleanup
+        self.actor_rank: dict[str, int] = {}  # actor id hex -> rank
+        self.driver_ip = config.host_ip or envs.node_host_ip() or driver_node_ip()
+
+    # ---- start-up ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Steps 1-4 of the module docstring. On failure the caller calls shutdown()."""
+        self._created = [self._create_actor(i, b) for i, b in
+                         enumerate(self.placement.bundle_indices)]
+        key = self.platform.resource_key
+        infos = self._wait(
+            [a.get_node_and_device_ids.remote(key) for a in self._created],
+            self.config.pg_ready_timeout_s, "starting the worker actors", "pg_ready_timeout_s",
+        )
+        driver_node = ray.get_runtime_context().get_node_id()
+        workers = [
+            layout.WorkerInfo(
+                node_id=node_id,
+                # host_ip names the driver node's address on multi-NIC machines.
+                node_ip=self.driver_ip if node_id == driver_node else ip,
+                device_ids=tuple(devices), node_cpus=cpus,
+            )
+            for node_id, ip, devices, cpus in infos
+        ]
+        order = layout.order_workers(self.driver_ip, workers)
+        master_port = ray.get(self._created[order[0]].find_free_port.remote())
+        self.plans = layout.plan_ranks(
+            self.topology, self.platform, self.driver_ip, workers, master_port,
+            env_vars=self.config.env_vars, driver_env=envs.driver_environ(),
+            env_prefixes_to_copy=self.config.env_prefixes_to_copy,
+            cpu_threads_per_worker=self.config.cpu_threads_per_worker,
+            cpu_bind=self.config.cpu_bind, host_ip=self.config.host_ip,
+        )
+        self.actors = [self._created[p.worker_index] for p in self.plans]
+        self.actor_rank = {a._actor_id.hex(): r for r, a in enumerate(self.actors)}
+        logger.info("rank layout:\n%s", layout.format_layout(self.plans, self.platform))
+
+        self._wait([a.update_environment_variables.remote(dict(p.env))
+                    for a, p in zip(self.actors, self.plans)],
+                   None, "setting worker environments", "rpc_timeout_s")
+        init_method = (f"tcp://{_url_host(self.plans[0].node_ip)}:{master_port}")
+        self._wait(
+            [
+                a.init_worker.remote(
+                    self.config.worker_cls,
+                    {**self.config.worker_kwargs, **self.rank_kwargs(p, init_method)},
+                    self.topology.pp,
+                    p.cpu_threads if not self.platform.is_accelerator else None,
+                    p.cpu_cores,
+                )
+                for a, p in zip(self.actors, self.plans)
+            ],
+            None, "init_worker", "rpc_timeout_s",
+        )
+
+    def rank_kwargs(self, plan: layout.RankPlan, init_method: str) -> dict[str, Any]:
+        return {
+            "rank": plan.rank, "local_rank": plan.local_rank,
+            "world_size": self.topology.world_size, "pp_rank": plan.pp_rank,
+            "tp_rank": plan.tp_rank, "distributed_init_method": init_method,
+        }
+
+    def _create_actor(self, index: int, bundle_index: int) -> ActorHandle:
+        c, p = self.config, self.platform
+        options: dict[str, Any] = {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.placement.group,
+                placement_group_bundle_index=bundle_index,
+                placement_group_capture_child_tasks=True,
+            ),
+            "num_cpus": c.num_cpus_per_worker,
+            "max_restarts": 0,
+            "runtime_env": self._runtime_env(),
+        }
+        if p.resource_key == "GPU":
+            options["num_gpus"] = c.num_devices_per_worker
+        elif p.resource_key == "CPU":
+            options["num_cpus"] = c.num_cpus_per_worker + c.num_devices_per_worker
+        else:
+            options["resources"] = {p.resource_key: c.num_devices_per_worker}
+        if c.memory_per_worker:
+            options["memory"] = c.memory_per_worker
+        actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(WorkerWrapper)
+        return actor_cls.options(**options).remote(index)
+
+    def _runtime_env(self) -> dict[str, Any]:
+        runtime_env = dict(self.config.runtime_env or {})
+        env = dict(runtime_env.get("env_vars", {}))
+        env.update(layout.copied_driver_env(envs.driver_environ(),
+                                            self.config.env_prefixes_to_copy))
+        env.update(self.config.env_vars)
+        if self.platform.noset_var:
+            # rayexec owns the visibility variable: one list per node, set before the
+            # engine's worker touches a device.
+            env[self.platform.noset_var] = "1"
+        runtime_env["env_vars"] = env
+        return runtime_env
+
+    # ---- calls ------------------------------------------------------------------------
+    def run_async(
+        self, method: Method, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+        ranks: Sequence[int] | None = None,
+    ) -> list[ray.ObjectRef]:
+        payload = method if isinstance(method, str) else cloudpickle.dumps(method)
+        kwargs = kwargs or {}
+        ranks = range(len(self.actors)) if ranks is None else ranks
+        return [self.actors[r].execute_method.remote(payload, *args, **kwargs) for r in ranks]
+
+    def run(
+        self, method: Method, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+        ranks: Sequence[int] | None = None, timeout: float | None = None,
+    ) -> list[Any]:
+        ranks = list(range(len(self.actors)) if ranks is None else ranks)
+        refs = self.run_async(method, args, kwargs, ranks)
+        name = method if isinstance(method, str) else getattr(method, "__name__", "callable")
+        return self._wait(refs, timeout, f"collective_rpc({name!r})", "timeout / rpc_timeout_s",
+                          labels=ranks)
+
+    def _wait(
+        self, refs: list[ray.ObjectRef], timeout: float | None, what: str, setting: str,
+        labels: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """Results of `refs` in order. Fails fast on the first error; after `timeout`
+        raises ExecutorTimeoutError naming the labels (ranks) still pending."""
+        labels = list(range(len(refs))) if labels is None else list(labels)
+        label_of = {ref: label for ref, label in zip(refs, labels)}
+        pending = list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for ref in ready:
+                self.get(ref, label_of[ref])  # raises on error
+            if not ready and left is not None and left <= 0:
+                raise ExecutorTimeoutError(what, [label_of[r] for r in pending], timeout, setting)
+        return [self.get(ref, label) for ref, label in zip(refs, labels)]
+
+    def get(self, ref: ray.ObjectRef, rank: int, timeout: float | None = None) -> Any:
+        """ray.get with errors turned into rayexec's."""
+        try:
+            return ray.get(ref, timeout=timeout)
+        except RayTaskError as e:
+            if isinstance(e.cause, WorkerError):
+                raise e.cause from None
+            if isinstance(e.cause, RayActorError):
+                raise self.died_error(e.cause) from None
+            raise
+        except RayActorError as e:
+            raise self.died_error(e, default_rank=rank) from None
+
+    def died_error(self, e: BaseException, default_rank: int | None = None) -> WorkerDiedError:
+        """A WorkerDiedError naming the rank behind a Ray actor error."""
+        rank = self.actor_rank.get(getattr(e, "actor_id", None) or "", default_rank)
+        ranks = [] if rank is None else [rank]
+        return WorkerDiedError(ranks, [self.node_ip(r) for r in ranks],
+                               detail=str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    def node_ip(self, rank: int) -> str:
+        return self.plans[rank].node_ip if rank < len(self.plans) else "?"
+
+    def ping(self, timeout: float) -> tuple[list[int], list[int]]:
+        """(dead ranks, ranks that did not answer within `timeout`)."""
+        refs = [a.ping.remote() for a in self.actors]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        dead = []
+        for rank, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except (RayActorError, RayTaskError):
+                    dead.append(rank)
+        return dead, [refs.index(r) for r in pending]
+
+    # ---- shutdown -----------------------------------------------------------------------
+    def kill(self, timeout_s: float = 10.0) -> None:
+        """Kill every actor we created and wait (bounded) until Ray reports them gone."""
+        for actor in self._created:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as e:
+                logger.debug("ray.kill failed: %s", e)
+        deadline = time.monotonic() + timeout_s
+        for actor in self._created:
+            try:
+                ray.get(actor.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except (RayActorError, RayTaskError):
+                pass  # gone, as wanted
+            except GetTimeoutError:
+                logger.warning("worker actor %s still alive %gs after ray.kill",
+                               actor._actor_id.hex(), timeout_s)
+            except Exception as e:
+                logger.debug("waiting for actor exit: %s", e)
+
+    def shutdown(self) -> None:
+        self.kill()
+        self._created = []
+        self.actors = []
+        remove_group(self.placement)

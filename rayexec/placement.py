@@ -1,0 +1,307 @@
+"""Where workers go: start or join Ray, get a placement group, wait for it, and
+explain precisely why it cannot be satisfied.
+
+- Ray: join RAY_ADDRESS when set; else an already running local cluster; else
+  start an embedded one with enough logical CPUs for a CPU layout (so a 2-core
+  laptop runs PP=2 x TP=2). Never a second cluster next to a running one.
+- Group: the one given, else the one the caller runs inside, else a live one with
+  `placement_group_name`, else a new one (world_size bundles, first bundle pinned to
+  the driver's node when that node has the device).
+- Waiting is bounded by `pg_ready_timeout_s` and logs progress; on timeout a group
+  we created is removed and `PlacementError` says what was asked, what each node
+  has free and which constraint cannot be met.
+`diagnose_placement` is pure (no Ray calls) and unit-tested.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
+
+from rayexec import envs
+from rayexec.config import ExecutorConfig, check_bundle_indices_in_range
+from rayexec.errors import PlacementError
+from rayexec.platform import Platform
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The placement group in use, which of its bundles the workers take (in
+    creation order) and whether rayexec created it (and so must remove it)."""
+
+    group: PlacementGroup
+    bundle_indices: tuple[int, ...]
+    created: bool
+
+
+# ---- Ray itself -------------------------------------------------------------------
+def ensure_ray(config: ExecutorConfig) -> str:
+    """Connect to or start Ray; returns how ("connected", "joined ...", "started ...")."""
+    if ray.is_initialized():
+        return "connected"
+    address = envs.ray_address()
+    if address:
+        logger.info("joining the Ray cluster at RAY_ADDRESS=%s", address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except Exception as e:
+            raise PlacementError(
+                f"cannot reach the Ray cluster at RAY_ADDRESS={address!r}: "
+                f"{type(e).__name__}: {e}. Check that the head node is up and the address "
+                f"is right, or unset RAY_ADDRESS to start a local Ray."
+            ) from e
+        return f"joined {address}"
+    num_cpus = embedded_cpus(config, os.cpu_count() or 1)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    except ValueError as e:
+        # ray.init found a running local cluster (started with `ray start`) and
+        # refuses num_cpus: join that one rather than starting a second cluster.
+        if "existing cluster" not in str(e):
+            raise
+        logger.info("joining the running local Ray cluster")
+        ray.init(logging_level=logging.WARNING)
+        return "joined the running local cluster"
+    logger.info("started an embedded local Ray with %d logical CPUs", num_cpus)
+    return f"started a local Ray with {num_cpus} logical CPUs"
+
+
+def embedded_cpus(config: ExecutorConfig, physical_cpus: int) -> int:
+    """Logical CPUs for an embedded Ray: the machine's, or what the layout reserves
+    when more (CPU workers limit their own threads, so this only books seats)."""
+    per_worker = config.num_cpus_per_worker
+    if config.device in ("cpu", "auto"):
+        per_worker += config.num_devices_per_worker
+    return max(physical_cpus, math.ceil(per_worker * config.world_size))
+
+
+# ---- the placement group ------------------------------------------------------------
+def bundle_for(config: ExecutorConfig, platform: Platform) -> dict[str, float]:
+    """The resources one worker reserves."""
+    bundle: dict[str, float] = {platform.resource_key: float(config.num_devices_per_worker)}
+    if config.num_cpus_per_worker:
+        bundle["CPU"] = bundle.get("CPU", 0.0) + config.num_cpus_per_worker
+    if config.memory_per_worker:
+        bundle["memory"] = float(config.memory_per_worker)
+    return bundle
+
+
+def acquire_placement(config: ExecutorConfig, platform: Platform) -> Placement:
+    """The group and bundles the workers will use, ready (see module docstring)."""
+    group, created = config.placement_group, False
+    if group is None:
+        group = get_current_placement_group()
+        if group is not None:
+            logger.info("using the placement group this driver runs inside: %s", group.id.hex())
+    if group is None and config.placement_group_name:
+        try:
+            group = ray.util.get_placement_group(config.placement_group_name)
+            logger.info("reusing the live placement group %r", config.placement_group_name)
+        except ValueError:
+            group = None
+    if group is None:
+        group, created = _create_group(config, platform), True
+
+    try:
+        if not created:
+            wait_ready(group, config.pg_ready_timeout_s, bundles=None, strategy=None)
+        indices = _choose_bundles(config, group, platform)
+    except BaseException:
+        if created:
+            remove_placement_group(group)
+        raise
+    return Placement(group=group, bundle_indices=indices, created=created)
+
+
+def _create_group(config: ExecutorConfig, platform: Platform) -> PlacementGroup:
+    bundles = [bundle_for(config, platform) for _ in range(config.world_size)]
+    driver_ip = driver_node_ip()
+    driver_node = _node_resources().get(driver_ip, {})
+    if driver_node.get(platform.resource_key, 0) >= config.num_devices_per_worker:
+        # A tiny share of Ray's per-node resource pins bundle 0 (so rank 0) to the
+        # driver's node; the driver then talks to its first stage locally.
+        bundles[0][f"node:{driver_ip}"] = 0.001
+    logger.info(
+        "creating a placement group of %d bundles %s (strategy %s)",
+        len(bundles), bundle_for(config, platform), config.placement_strategy,
+    )
+    try:
+        group = placement_group(
+            bundles, strategy=config.placement_strategy, name=config.placement_group_name or ""
+        )
+    except Exception as e:
+        raise PlacementError(
+            f"Ray refused to create the placement group {bundles} "
+            f"(strategy {config.placement_strategy}): {e}"
+        ) from e
+    try:
+        wait_ready(group, config.pg_ready_timeout_s, bundles, config.placement_strategy)
+    except BaseException:
+        remove_placement_group(group)
+        raise
+    return group
+
+
+def wait_ready(
+    group: PlacementGroup,
+    timeout_s: float,
+    bundles: Sequence[Mapping[str, float]] | None,
+    strategy: str | None,
+) -> None:
+    """Wait for `group`, logging progress; PlacementError (with a diagnosis) on timeout.
+    The caller removes a group it created."""
+    ready = group.ready()
+    start = time.monotonic()
+    while True:
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
+            break
+        done, _ = ray.wait([ready], timeout=min(left, PROGRESS_EVERY_S))
+        if done:
+            return
+        logger.info(
+            "waiting for placement group %s: %.0fs of %.0fs (pg_ready_timeout_s)",
+            group.id.hex()[:12], time.monotonic() - start, timeout_s,
+        )
+    bundles = bundles or group.bundle_specs
+    strategy = strategy or placement_group_table(group).get("strategy", "?")
+    raise PlacementError(
+        f"placement group not ready after {timeout_s:g}s (pg_ready_timeout_s). "
+        + diagnose_placement(bundles, strategy, _free_resources_per_node())
+    )
+
+
+def _choose_bundles(config: ExecutorConfig, group: PlacementGroup, platform: Platform) -> tuple:
+    specs = group.bundle_specs
+    if config.bundle_indices is not None:
+        check_bundle_indices_in_range(config.bundle_indices, len(specs))
+        indices = tuple(config.bundle_indices)
+    else:
+        if len(specs) < config.world_size:
+            raise PlacementError(
+                f"the placement group has {len(specs)} bundles but the layout needs "
+                f"world_size={config.world_size}; pass a larger group or set bundle_indices"
+            )
+        indices = tuple(range(config.world_size))
+    need = bundle_for(config, platform)
+    for i in indices:
+        short = {k: v for k, v in need.items() if specs[i].get(k, 0) + 1e-9 < v}
+        if short:
+            raise PlacementError(
+                f"bundle {i} of the placement group is {specs[i]}; each worker needs {need} "
+                f"(short: {short}). Choose other bundle_indices or adjust "
+                f"num_devices_per_worker / num_cpus_per_worker / memory_per_worker."
+            )
+    return indices
+
+
+def remove_group(placement: Placement) -> None:
+    """Remove the group if rayexec created it; a given group is left alone."""
+    if placement.created:
+        try:
+            remove_placement_group(placement.group)
+        except Exception as e:  # Ray already gone: nothing is reserved anymore
+            logger.debug("removing placement group failed: %s", e)
+
+
+# ---- cluster facts --------------------------------------------------------------------
+def driver_node_ip() -> str:
+    """The IP of the node this driver runs on, as Ray knows it."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
+def _node_resources() -> dict[str, dict[str, float]]:
+    return {n["NodeManagerAddress"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+
+
+def _free_resources_per_node() -> dict[str, dict[str, float]]:
+    """node IP -> free resources. Ray has no public per-node view without the
+    dashboard, so this uses its GCS state and falls back to totals."""
+    ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    try:
+        from ray._private.state import available_resources_per_node
+
+        free = available_resources_per_node()
+        return {ip_of[node]: res for node, res in free.items() if node in ip_of}
+    except Exception:
+        return _node_resources()
+
+
+# ---- pure diagnosis -------------------------------------------------------------------
+def _fits(bundle: Mapping[str, float], free: Mapping[str, float]) -> bool:
+    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items() if not k.startswith("node:"))
+
+
+def _fmt(resources: Mapping[str, float], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={resources.get(k, 0):g}" for k in keys)
+
+
+def diagnose_placement(
+    bundles: Sequence[Mapping[str, float]],
+    strategy: str,
+    free_per_node: Mapping[str, Mapping[str, float]],
+) -> str:
+    """Why `bundles` under `strategy` do not fit the free resources, in words."""
+    keys = sorted({k for b in bundles for k in b if not k.startswith("node:")})
+    asked = f"Asked for {len(bundles)} bundles of {{{_fmt(bundles[0], keys)}}} with {strategy}."
+    nodes = "; ".join(f"{ip}: {_fmt(res, keys)}" for ip, res in sorted(free_per_node.items()))
+    have = f" Free per node: {nodes or 'no alive nodes'}."
+    reasons = []
+    for key in keys:
+        need = sum(b.get(key, 0.0) for b in bundles)
+        total = sum(res.get(key, 0.0) for res in free_per_node.values())
+        if total + 1e-9 < need:
+            reasons.append(f"the cluster has {total:g} {key} free in total, the layout needs "
+                           f"{need:g}")
+    fitting_nodes = [ip for ip, res in free_per_node.items() if _fits(bundles[0], res)]
+    if not fitting_nodes:
+        reasons.append("no node can hold even one bundle")
+    if strategy == "STRICT_SPREAD" and len(fitting_nodes) < len(bundles):
+        reasons.append(f"STRICT_SPREAD puts every bundle on a different node, but only "
+                       f"{len(fitting_nodes)} node(s) can hold a bundle for {len(bundles)} bundles")
+    if strategy == "STRICT_PACK":
+        whole = {k: sum(b.get(k, 0.0) for b in bundles) for k in keys}
+        if not any(_fits(whole, res) for res in free_per_node.values()):
+            reasons.append(f"STRICT_PACK puts all bundles on one node, and no node has "
+                           f"{{{_fmt(whole, keys)}}} free")
+    if not reasons:
+        capacity = sum(_bundles_that_fit(bundles[0], res) for res in free_per_node.values())
+        if capacity < len(bundles):
+            reasons.append(f"the free resources are split across nodes so that only {capacity} "
+                           f"whole bundle(s) fit")
+    fix = (" Fix: lower pipeline_parallel_size x tensor_parallel_size or the per-worker "
+           "resources, add nodes, or choose a looser placement_strategy.")
+    if not reasons:
+        reasons.append("the resources look sufficient now; other placement groups or actors "
+                       "may have held them, or nodes were still joining")
+        fix = " Fix: free the resources held elsewhere or raise pg_ready_timeout_s."
+    return asked + have + " Impossible because " + "; ".join(reasons) + "." + fix
+
+
+def _bundles_that_fit(bundle: Mapping[str, float], free: Mapping[str, float]) -> int:
+    counts = [
+        math.floor((free.get(k, 0.0) + 1e-9) / v)
+        for k, v in bundle.items() if v > 0 and not k.startswith("node:")
+    ]
+    return min(counts) if counts else 0

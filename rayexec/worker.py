@@ -1,0 +1,185 @@
+"""WorkerWrapper: the Ray actor that hosts one engine worker.
+
+A plain class that `placement.py` turns into an actor. It is created knowing only
+its creation index; the executor then asks where it landed, gives it its per-rank
+environment and builds the engine's worker inside it with `init_worker`. Engine
+methods run through `execute_method` (a name, or a cloudpickled callable taking the
+worker first); the forward step runs through `execute_model_dag`, the one method
+bound into the compiled DAG (and chained by plain calls when forward="rpc").
+
+Two extra concurrency groups keep the worker observable while it is busy:
+"control" (ping, step progress) and "monitor" (a call that never returns, so its
+failure tells the driver the process died). This module does not decide ranks or
+environments; `layout.py` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import ray
+
+from rayexec import envs
+from rayexec.errors import WorkerError
+
+logger = logging.getLogger(__name__)
+
+CONCURRENCY_GROUPS = {"control": 2, "monitor": 1}
+
+
+def import_worker_cls(worker_cls: type | str) -> type:
+    """The class itself, importing "pkg.module.Class" strings."""
+    if isinstance(worker_cls, type):
+        return worker_cls
+    module_name, _, cls_name = worker_cls.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"ExecutorConfig.worker_cls={worker_cls!r} cannot be imported: {e}. Install the "
+            f"package that defines it on the driver and every node, or pass the class object"
+        ) from None
+    cls = getattr(module, cls_name, None)
+    if not isinstance(cls, type):
+        raise ValueError(
+            f"ExecutorConfig.worker_cls={worker_cls!r}: module {module_name!r} has no class "
+            f"{cls_name!r}"
+        )
+    return cls
+
+
+def _pin_process(cores: tuple[int, ...]) -> None:
+    # sched_setaffinity(0) pins only the calling thread; Ray already runs several
+    # threads (one per concurrency group, the DAG loop), so pin each of them.
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:
+            pass  # a thread that ended between listdir and the call
+
+
+class WorkerWrapper:
+    """Hosts one engine worker; every public method is callable from the driver."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.rank: int | None = None
+        self.worker: Any = None
+        self.is_first_stage = True
+        self.is_last_stage = True
+        # Step progress, written by the step thread and read from "control".
+        self.step_started = -1
+        self.step_finished = -1
+        self.step_since = time.time()
+        self._node_ip: str | None = None
+
+    # ---- identity and environment -------------------------------------------------
+    def get_node_ip(self) -> str:
+        if self._node_ip is None:
+            self._node_ip = envs.node_host_ip() or ray.util.get_node_ip_address()
+        return self._node_ip
+
+    def get_node_and_device_ids(self, resource_key: str) -> tuple[str, str, list[str], int]:
+        """(node id, node IP, ids of the `resource_key` devices Ray gave us, node CPUs)."""
+        ctx = ray.get_runtime_context()
+        ids = [] if resource_key == "CPU" else ctx.get_accelerator_ids().get(resource_key, [])
+        return ctx.get_node_id(), self.get_node_ip(), [str(i) for i in ids], os.cpu_count() or 1
+
+    def find_free_port(self) -> int:
+        """A TCP port free on this node's own address (the rendezvous binds there)."""
+        with socket.socket(socket.AF_INET6 if ":" in self.get_node_ip() else socket.AF_INET) as s:
+            s.bind((self.get_node_ip(), 0))
+            return s.getsockname()[1]
+
+    def update_environment_variables(self, env: dict[str, str]) -> None:
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                logger.debug("worker %s: setting %s=%s", self.index, key, value)
+            os.environ[key] = value
+        if "RAYEXEC_HOST_IP" in env:
+            self._node_ip = env["RAYEXEC_HOST_IP"]
+
+    # ---- building the engine's worker ----------------------------------------------
+    def init_worker(
+        self,
+        worker_cls: type | str,
+        kwargs: dict[str, Any],
+        pipeline_parallel_size: int,
+        cpu_threads: int | None = None,
+        cpu_cores: tuple[int, ...] | None = None,
+    ) -> None:
+        self.rank = kwargs["rank"]
+        self.is_first_stage = kwargs["pp_rank"] == 0
+        self.is_last_stage = kwargs["pp_rank"] == pipeline_parallel_size - 1
+        if cpu_cores:
+            _pin_process(tuple(cpu_cores))
+        if cpu_threads:
+            import torch
+
+            torch.set_num_threads(cpu_threads)
+        self._run("__init__", lambda: self._build(worker_cls, kwargs))
+
+    def _build(self, worker_cls: type | str, kwargs: dict[str, Any]) -> None:
+        self.worker = import_worker_cls(worker_cls)(**kwargs)
+
+    # ---- calls from the driver ------------------------------------------------------
+    def execute_method(self, method: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        """Run `method` (a name, or a cloudpickled callable(worker, ...)) on the worker."""
+        if isinstance(method, bytes):
+            fn = cloudpickle.loads(method)
+            name = getattr(fn, "__name__", "<callable>")
+            return self._run(name, lambda: fn(self.worker, *args, **kwargs))
+        return self._run(method, lambda: getattr(self.worker, method)(*args, **kwargs))
+
+    def execute_model_dag(self, packed: tuple) -> Any:
+        """The forward step: unpack, call execute_model, pack for the next stage.
+
+        Stage 0 receives (step, batch) from the driver; later stages receive
+        (step, batch, intermediate) from the previous stage. The last stage returns
+        the worker's output; the others pass (step, batch, intermediate) on.
+        """
+        if self.is_first_stage:
+            step, batch = packed
+            intermediate = None
+        else:
+            step, batch, intermediate = packed
+        self.step_started, self.step_since = step, time.time()
+        try:
+            out = self._run("execute_model", lambda: self.worker.execute_model(batch, intermediate))
+        finally:
+            self.step_finished = step
+        return out if self.is_last_stage else (step, batch, out)
+
+    def _run(self, method: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as e:
+            tb = traceback.format_exc()
+            logger.error("rank %s (%s): %s() raised\n%s", self.rank, self.get_node_ip(), method, tb)
+            raise WorkerError(
+                self.rank, self.get_node_ip(), method, type(e).__name__, str(e), tb
+            ) from None
+
+    # ---- observable while busy --------------------------------------------------------
+    @ray.method(concurrency_group="control")
+    def ping(self) -> int | None:
+        return self.rank
+
+    @ray.method(concurrency_group="control")
+    def get_progress(self) -> tuple[int, int, float]:
+        """(last step started, last step finished, when the last one started)."""
+        return self.step_started, self.step_finished, self.step_since
+
+    @ray.method(concurrency_group="monitor")
+    def wait_for_death(self) -> None:
+        """Never returns: the driver watches this call to learn the process died."""
+        threading.Event().wait()
