@@ -1,0 +1,62 @@
+"""Shared test set-up: GPU / vLLM markers that skip with a reason, Ray fixtures
+that always shut Ray down, and the leak check every integration test ends with."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+# Worker processes inherit this: it keeps test runs from writing usage stats.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    gpus = None
+    for item in items:
+        gpu = item.get_closest_marker("gpu")
+        if gpu is not None:
+            need = gpu.args[0] if gpu.args else 1
+            gpus = cuda_device_count() if gpus is None else gpus
+            if gpus < need:
+                item.add_marker(pytest.mark.skip(
+                    reason=f"needs {need} CUDA device(s), found {gpus}"))
+        if item.get_closest_marker("vllm") is not None and not have_vllm:
+            item.add_marker(pytest.mark.skip(
+                reason="vLLM is not installed (pip install -e '.[vllm]')"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with 4 logical CPUs (enough seats for PP=2 x TP=2 CPU workers)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def no_leaks(local_ray):
+    """Asserts, after the test, that no worker actor or placement group of ours is
+    left alive in the cluster."""
+    from tests.helpers import assert_no_leaks, cluster_snapshot
+
+    before = cluster_snapshot()
+    yield
+    assert_no_leaks(before)

@@ -1,0 +1,111 @@
+"""Worker classes the integration tests run inside rayexec's actors.
+
+They live in an importable module (tests.workers) so that Ray workers, which get
+the driver's working directory on sys.path, can import them by name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+class RecordingWorker:
+    """Records how it was built and called; execute_model does small, checkable
+    arithmetic so that every PP x TP layout has a known answer.
+
+    A batch is a dict: {"x": [floats]} plus optional controls:
+    "fail_rank" (raise there), "sleep" (seconds per stage), "tensor_elems"
+    (stage 0 makes a float32 arange of that size; later stages check and pass it on).
+    """
+
+    def __init__(self, rank, local_rank, world_size, pp_rank, tp_rank,
+                 distributed_init_method, **extra):
+        self.init_kwargs = dict(rank=rank, local_rank=local_rank, world_size=world_size,
+                                pp_rank=pp_rank, tp_rank=tp_rank,
+                                distributed_init_method=distributed_init_method, **extra)
+        self.rank, self.pp_rank = rank, pp_rank
+        self.phases = ["__init__"]
+        self.timeline = []  # (step marker, start, end)
+
+    def init_device(self):
+        self.phases.append("init_device")
+
+    def load_model(self):
+        self.phases.append("load_model")
+
+    def get_init_kwargs(self):
+        return self.init_kwargs
+
+    def get_phases(self):
+        return list(self.phases)
+
+    def get_env(self, names):
+        return {n: os.environ.get(n) for n in names}
+
+    def get_timeline(self):
+        return list(self.timeline)
+
+    def echo(self, value):
+        return value
+
+    def fail(self, message):
+        raise ValueError(message)
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return self.rank
+
+    def execute_model(self, batch, intermediate=None):
+        import torch
+
+        start = time.time()
+        if batch.get("fail_rank") == self.rank:
+            raise RuntimeError(f"planned failure on rank {self.rank}")
+        if batch.get("sleep"):
+            time.sleep(batch["sleep"])
+        if intermediate is None:
+            h = torch.tensor(batch["x"], dtype=torch.float32)
+            path = []
+            big = None
+            if batch.get("tensor_elems"):
+                big = torch.arange(batch["tensor_elems"], dtype=torch.float32)
+        else:
+            h, path, big = intermediate["h"], intermediate["path"], intermediate["big"]
+            if big is not None:
+                expected = torch.arange(big.numel(), dtype=torch.float32)
+                assert torch.equal(big, expected), f"rank {self.rank}: big tensor corrupted"
+        h = h * (self.pp_rank + 2) + 1
+        self.timeline.append((batch.get("marker"), start, time.time()))
+        return {"h": h, "path": [*path, self.rank], "big": big}
+
+
+class BrokenInitWorker(RecordingWorker):
+    """Raises in __init__ on rank 1."""
+
+    def __init__(self, rank, **kwargs):
+        if rank == 1:
+            raise RuntimeError("cannot build the worker on rank 1")
+        super().__init__(rank=rank, **kwargs)
+
+
+class IdentityWorker:
+    """Reports where it runs; never touches a device (for fake-GPU clusters)."""
+
+    def __init__(self, rank, local_rank, world_size, pp_rank, tp_rank,
+                 distributed_init_method):
+        self.info = dict(rank=rank, local_rank=local_rank, pp_rank=pp_rank, tp_rank=tp_rank)
+
+    def report(self):
+        import ray
+
+        return {
+            **self.info,
+            "node_ip": ray.util.get_node_ip_address(),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "RAYEXEC_HOST_IP": os.environ.get("RAYEXEC_HOST_IP"),
+            "ray_gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+        }
+
+    def execute_model(self, batch, intermediate=None):
+        return (intermediate or []) + [self.info["rank"]]
