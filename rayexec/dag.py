@@ -97,18 +97,24 @@ class ForwardDag:
         self.transport = transport
         with InputNode() as step_input:
             outputs: list[Any] = [step_input] * len(grid[0])
+            outputs_by_stage = []
             for pp_rank, stage in enumerate(grid):
                 outputs = [w.execute_model_dag.bind(x) for w, x in zip(stage, outputs)]
                 if pp_rank < len(grid) - 1:
                     outputs = [o.with_tensor_transport(transport=transport) for o in outputs]
+                outputs_by_stage.append(outputs)
             graph = MultiOutputNode(outputs)
-        self.graph = graph
+        self._stage_outputs = outputs_by_stage
         self.compiled = graph.experimental_compile(
             _submit_timeout=submit_timeout_s,
             _overlap_gpu_communication=overlap_comm,
         )
         logger.info("compiled the forward DAG: %d stage(s) x %d worker(s), %s edges",
                     len(grid), len(grid[0]), transport)
+
+    def edge_type_hints(self) -> list[Any]:
+        """The type hint of every stage-to-stage edge (for inspection and tests)."""
+        return [node.type_hint for stage in self._stage_outputs[:-1] for node in stage]
 
     def execute(self, packed: Any) -> list[Any]:
         """Submit one step; returns one result ref per last-stage worker."""

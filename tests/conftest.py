@@ -39,12 +39,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray with 4 logical CPUs (enough seats for PP=2 x TP=2 CPU workers)."""
+    """A local Ray with 8 logical CPUs: seats for two PP=2 x TP=2 CPU executors."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray
     finally:
