@@ -109,3 +109,53 @@ class IdentityWorker:
 
     def execute_model(self, batch, intermediate=None):
         return (intermediate or []) + [self.info["rank"]]
+
+
+class CudaWorker:
+    """Uses its GPU for real: for the gpu-marked tests."""
+
+    def __init__(self, rank, local_rank, world_size, pp_rank, tp_rank,
+                 distributed_init_method):
+        self.rank, self.local_rank, self.pp_rank = rank, local_rank, pp_rank
+        self.init_method, self.world_size = distributed_init_method, world_size
+
+    def init_device(self):
+        import torch
+
+        torch.cuda.set_device(self.local_rank)
+        self.device = torch.device("cuda", self.local_rank)
+
+    def report(self):
+        import ray
+        import torch
+
+        return {
+            "rank": self.rank, "local_rank": self.local_rank,
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "device_count": torch.cuda.device_count(),
+            "current_device": torch.cuda.current_device(),
+            "ray_gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+        }
+
+    def all_reduce_rank(self):
+        """torch.distributed over NCCL across every rank: returns sum of ranks."""
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", init_method=self.init_method,
+                                    rank=self.rank, world_size=self.world_size)
+        t = torch.tensor([float(self.rank)], device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+    def execute_model(self, batch, intermediate=None):
+        import torch
+
+        if intermediate is None:
+            t = torch.arange(batch["n"], dtype=torch.float32, device=self.device) + batch["offset"]
+        else:
+            t = intermediate["t"]
+            assert t.is_cuda and t.device.index == self.local_rank, t.device
+            t = t * 2
+        return {"t": t.cpu()} if batch["last_stage"] == self.pp_rank else {"t": t}
