@@ -84,6 +84,10 @@ class ExecutorConfig:
     (at least 1)."""
     cpu_bind: bool = True
     """On device=cpu, pin each worker's threads to its own cores of the node."""
+    manage_visibility: bool = True
+    """Set the device-visibility variable (CUDA_VISIBLE_DEVICES, ...) to one sorted list
+    per node. False: rayexec sets Ray's NOSET variable so Ray leaves it alone too, and
+    the worker manages visibility itself."""
     host_ip: str | None = None
     """The driver node's IP to use on multi-NIC machines (also given to the workers on
     the driver's node as RAYEXEC_HOST_IP)."""

@@ -63,6 +63,7 @@ CONFIG_VARS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "RAYEXEC_ENV_PREFIXES_TO_COPY": ("env_prefixes_to_copy", _strs, 'comma-separated, "NCCL_,HF_"'),
     "RAYEXEC_CPU_THREADS_PER_WORKER": ("cpu_threads_per_worker", _optional_int, "an integer"),
     "RAYEXEC_CPU_BIND": ("cpu_bind", _bool, "a boolean (1/0)"),
+    "RAYEXEC_MANAGE_VISIBILITY": ("manage_visibility", _bool, "a boolean (1/0)"),
     "RAYEXEC_HOST_IP": ("host_ip", str, "an IP address"),
     "RAYEXEC_RESTART_ON_FAILURE": ("restart_on_failure", _bool, "a boolean (1/0)"),
 }

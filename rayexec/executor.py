@@ -47,7 +47,7 @@ from rayexec.futures import StepQueue
 from rayexec.group import Method, WorkerGroup
 from rayexec.layout import RankPlan
 from rayexec.monitor import DeathMonitor
-from rayexec.placement import acquire_placement, ensure_ray
+from rayexec.placement import ensure_ray
 from rayexec.platform import Platform, resolve_platform
 from rayexec.worker import import_worker_cls
 
@@ -64,7 +64,6 @@ class _Parts:
 
     def __init__(self) -> None:
         self.group: WorkerGroup | None = None
-        self.placement = None
         self.dag: ForwardDag | None = None
         self.monitor: DeathMonitor | None = None
         self.pool: ThreadPoolExecutor | None = None
@@ -80,10 +79,6 @@ class _Parts:
             self.dag = None
         if self.group is not None:
             self.group.shutdown()  # kills the actors, which also frees a stuck teardown
-        elif self.placement is not None:
-            from rayexec.placement import remove_group
-
-            remove_group(self.placement)
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -127,10 +122,8 @@ class RayDistributedExecutor:
             self.transport = resolve_transport(c.channel, self.platform.resource_key == "GPU")
         logger.info("Ray: %s; device %s; forward %s%s", how, self.platform.name, c.forward,
                     f" over {self.transport}" if self.transport else "")
-        self._parts.placement = acquire_placement(c, self.platform)
-        group = WorkerGroup(c, self.platform, self._parts.placement)
+        group = WorkerGroup.launch(c, self.platform)
         self._parts.group = group
-        group.start()
         for phase in ("init_device", "load_model"):
             if callable(getattr(self.worker_cls, phase, None)):
                 group.run(phase)
@@ -183,7 +176,7 @@ class RayDistributedExecutor:
 
     @property
     def placement_group(self) -> Any:
-        return self._parts.placement.group if self._parts.placement else None
+        return self._group.placement.group
 
     # ---- collective_rpc -------------------------------------------------------------------
     def collective_rpc(

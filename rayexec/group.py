@@ -27,9 +27,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rayexec import envs, layout
 from rayexec.config import ExecutorConfig
 from rayexec.errors import ExecutorTimeoutError, WorkerDiedError, WorkerError
-from rayexec.placement import Placement, driver_node_ip, remove_group
-from rayexec.platform import Platform
-from rayexec.worker import CONCURRENCY_GROUPS, WorkerWrapper
+from rayexec.placement import (
+    Placement,
+    acquire_placement,
+    driver_node_ip,
+    ensure_ray,
+    remove_group,
+)
+from rayexec.platform import Platform, resolve_platform
+from rayexec.resources import ResourceConfig
+from rayexec.worker import CONCURRENCY_GROUPS, WorkerWrapper, import_worker_cls
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +49,56 @@ def _url_host(ip: str) -> str:
 
 
 class WorkerGroup:
-    """The worker actors of one executor (or one SPMD group), in rank order."""
+    """The worker actors of one executor (or one SPMD group), in rank order.
+
+    Build one with `WorkerGroup.from_config(worker_cls, worker_kwargs, resources)`,
+    `WorkerGroup.from_placement_group(...)` or `WorkerGroup.launch(config, platform)`;
+    the constructor alone creates nothing.
+    """
+
+    @classmethod
+    def from_config(
+        cls, worker_cls: type | str, worker_kwargs: dict[str, Any] | None = None,
+        resources: ResourceConfig | None = None, **options: Any,
+    ) -> WorkerGroup:
+        """An SPMD group: one worker per `resources` bundle (default: one CPU worker).
+        `options` are further ExecutorConfig fields (env_vars, manage_visibility, ...)."""
+        resources = resources or ResourceConfig()
+        config = ExecutorConfig(
+            worker_cls=worker_cls, worker_kwargs=worker_kwargs or {}, forward="rpc",
+            tensor_parallel_size=resources.num_workers, **resources.executor_fields(), **options)
+        return cls.launch(config)
+
+    @classmethod
+    def from_placement_group(
+        cls, worker_cls: type | str, worker_kwargs: dict[str, Any] | None,
+        placement_group: Any, bundle_indices: Sequence[int] | None = None, **options: Any,
+    ) -> WorkerGroup:
+        """An SPMD group on an existing placement group: one worker per chosen bundle
+        (default: every bundle). The group is left in place at shutdown."""
+        count = len(bundle_indices) if bundle_indices else len(placement_group.bundle_specs)
+        config = ExecutorConfig(
+            worker_cls=worker_cls, worker_kwargs=worker_kwargs or {}, forward="rpc",
+            tensor_parallel_size=count, placement_group=placement_group,
+            bundle_indices=None if bundle_indices is None else tuple(bundle_indices), **options)
+        return cls.launch(config)
+
+    @classmethod
+    def launch(cls, config: ExecutorConfig, platform: Platform | None = None) -> WorkerGroup:
+        """Join or start Ray, acquire the placement, start the workers. On failure
+        nothing is left behind."""
+        import_worker_cls(config.worker_cls)  # a clear error before anything starts
+        if platform is None:
+            ensure_ray(config)
+            platform = resolve_platform(config.device, ray.cluster_resources())
+        placement = acquire_placement(config, platform)
+        group = cls(config, platform, placement)
+        try:
+            group.start()
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
 
     def __init__(self, config: ExecutorConfig, platform: Platform, placement: Placement) -> None:
         self.config = config
@@ -83,6 +139,7 @@ class WorkerGroup:
             env_prefixes_to_copy=self.config.env_prefixes_to_copy,
             cpu_threads_per_worker=self.config.cpu_threads_per_worker,
             cpu_bind=self.config.cpu_bind, host_ip=self.config.host_ip,
+            set_visibility=self.config.manage_visibility,
         )
         self.actors = [self._created[p.worker_index] for p in self.plans]
         self.actor_rank = {a._actor_id.hex(): r for r, a in enumerate(self.actors)}

@@ -188,11 +188,13 @@ def plan_ranks(
     cpu_threads_per_worker: int | None = None,
     cpu_bind: bool = False,
     host_ip: str | None = None,
+    set_visibility: bool = True,
 ) -> list[RankPlan]:
     """One RankPlan per rank (list index = rank).
 
     `master_port` must be free on rank 0's node; the caller finds it there after
     this ordering is known (use `order_workers` first) and passes it in.
+    `set_visibility=False` leaves the visibility variable to the worker.
     """
     if len(workers) != topology.world_size:
         raise ValueError(
@@ -242,7 +244,8 @@ def plan_ranks(
             "MASTER_PORT": str(master_port),
         })
         if platform.is_accelerator:
-            env[platform.visibility_var] = ",".join(visible[w.node_id])
+            if set_visibility:
+                env[platform.visibility_var] = ",".join(visible[w.node_id])
         else:
             env["OMP_NUM_THREADS"] = str(threads)
         if host_ip is not None and w.node_ip == driver_ip:

@@ -35,6 +35,7 @@ from rayexec import envs
 from rayexec.config import ExecutorConfig, check_bundle_indices_in_range
 from rayexec.errors import PlacementError
 from rayexec.platform import Platform
+from rayexec.resources import ResourceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +94,6 @@ def embedded_cpus(config: ExecutorConfig, physical_cpus: int) -> int:
 
 
 # ---- the placement group ------------------------------------------------------------
-def bundle_for(config: ExecutorConfig, platform: Platform) -> dict[str, float]:
-    """The resources one worker reserves."""
-    bundle: dict[str, float] = {platform.resource_key: float(config.num_devices_per_worker)}
-    if config.num_cpus_per_worker:
-        bundle["CPU"] = bundle.get("CPU", 0.0) + config.num_cpus_per_worker
-    if config.memory_per_worker:
-        bundle["memory"] = float(config.memory_per_worker)
-    return bundle
-
-
 def acquire_placement(config: ExecutorConfig, platform: Platform) -> Placement:
     """The group and bundles the workers will use, ready (see module docstring)."""
     group, created = config.placement_group, False
@@ -131,7 +122,16 @@ def acquire_placement(config: ExecutorConfig, platform: Platform) -> Placement:
 
 
 def _create_group(config: ExecutorConfig, platform: Platform) -> PlacementGroup:
-    bundles = [bundle_for(config, platform) for _ in range(config.world_size)]
+    resources = ResourceConfig.for_executor(config, platform)
+    # Impossible on this cluster even when idle: say so now. Short of *free*
+    # resources only: wait, since Ray's free view lags removals by ~0.3 s and other
+    # work (or an autoscaler) may free or add them within pg_ready_timeout_s.
+    resources.validate_available(capacity=True)
+    short = resources.shortfalls(free_resources_per_node())
+    if short:
+        logger.warning("not enough free resources right now (%s); waiting up to %gs",
+                       "; ".join(short), config.pg_ready_timeout_s)
+    bundles = [resources.bundle() for _ in range(config.world_size)]
     driver_ip = driver_node_ip()
     driver_node = _node_resources().get(driver_ip, {})
     if driver_node.get(platform.resource_key, 0) >= config.num_devices_per_worker:
@@ -140,7 +140,7 @@ def _create_group(config: ExecutorConfig, platform: Platform) -> PlacementGroup:
         bundles[0][f"node:{driver_ip}"] = 0.001
     logger.info(
         "creating a placement group of %d bundles %s (strategy %s)",
-        len(bundles), bundle_for(config, platform), config.placement_strategy,
+        len(bundles), resources.bundle(), config.placement_strategy,
     )
     try:
         group = placement_group(
@@ -184,7 +184,7 @@ def wait_ready(
     strategy = strategy or placement_group_table(group).get("strategy", "?")
     raise PlacementError(
         f"placement group not ready after {timeout_s:g}s (pg_ready_timeout_s). "
-        + diagnose_placement(bundles, strategy, _free_resources_per_node())
+        + diagnose_placement(bundles, strategy, free_resources_per_node())
     )
 
 
@@ -200,7 +200,7 @@ def _choose_bundles(config: ExecutorConfig, group: PlacementGroup, platform: Pla
                 f"world_size={config.world_size}; pass a larger group or set bundle_indices"
             )
         indices = tuple(range(config.world_size))
-    need = bundle_for(config, platform)
+    need = ResourceConfig.for_executor(config, platform).bundle()
     for i in indices:
         short = {k: v for k, v in need.items() if specs[i].get(k, 0) + 1e-9 < v}
         if short:
@@ -212,13 +212,23 @@ def _choose_bundles(config: ExecutorConfig, group: PlacementGroup, platform: Pla
     return indices
 
 
-def remove_group(placement: Placement) -> None:
-    """Remove the group if rayexec created it; a given group is left alone."""
-    if placement.created:
-        try:
-            remove_placement_group(placement.group)
-        except Exception as e:  # Ray already gone: nothing is reserved anymore
-            logger.debug("removing placement group failed: %s", e)
+def remove_group(placement: Placement, timeout_s: float = 10.0) -> None:
+    """Remove the group if rayexec created it, and wait (bounded) until Ray reports it
+    removed, so its resources are free for whatever comes next. A given group is left
+    alone."""
+    if not placement.created:
+        return
+    try:
+        remove_placement_group(placement.group)
+        deadline = time.monotonic() + timeout_s
+        while placement_group_table(placement.group).get("state") != "REMOVED":
+            if time.monotonic() > deadline:
+                logger.warning("placement group %s not reported removed after %gs",
+                               placement.group.id.hex()[:12], timeout_s)
+                return
+            time.sleep(0.05)
+    except Exception as e:  # Ray already gone: nothing is reserved anymore
+        logger.debug("removing placement group failed: %s", e)
 
 
 # ---- cluster facts --------------------------------------------------------------------
@@ -231,21 +241,38 @@ def driver_node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+def _node_labels() -> dict[str, str]:
+    """node id -> its IP, or "IP (node abcd1234)" where two nodes share an IP."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    ips = [n["NodeManagerAddress"] for n in nodes]
+    return {
+        n["NodeID"]: ip if ips.count(ip) == 1 else f"{ip} (node {n['NodeID'][:8]})"
+        for n, ip in zip(nodes, ips)
+    }
+
+
 def _node_resources() -> dict[str, dict[str, float]]:
+    """node IP -> total resources of alive nodes."""
     return {n["NodeManagerAddress"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 
 
-def _free_resources_per_node() -> dict[str, dict[str, float]]:
-    """node IP -> free resources. Ray has no public per-node view without the
+def total_resources_per_node() -> dict[str, dict[str, float]]:
+    """node label -> the resources it holds (busy or not)."""
+    labels = _node_labels()
+    return {labels[n["NodeID"]]: dict(n["Resources"]) for n in ray.nodes() if n["Alive"]}
+
+
+def free_resources_per_node() -> dict[str, dict[str, float]]:
+    """node label -> free resources. Ray has no public per-node view without the
     dashboard, so this uses its GCS state and falls back to totals."""
-    ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    labels = _node_labels()
     try:
         from ray._private.state import available_resources_per_node
 
         free = available_resources_per_node()
-        return {ip_of[node]: res for node, res in free.items() if node in ip_of}
     except Exception:
-        return _node_resources()
+        free = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    return {labels[node]: dict(res) for node, res in free.items() if node in labels}
 
 
 # ---- pure diagnosis -------------------------------------------------------------------
@@ -257,22 +284,22 @@ def _fmt(resources: Mapping[str, float], keys: Sequence[str]) -> str:
     return ", ".join(f"{k}={resources.get(k, 0):g}" for k in keys)
 
 
-def diagnose_placement(
+def placement_shortfalls(
     bundles: Sequence[Mapping[str, float]],
     strategy: str,
     free_per_node: Mapping[str, Mapping[str, float]],
-) -> str:
-    """Why `bundles` under `strategy` do not fit the free resources, in words."""
+    word: str = "free",
+) -> list[str]:
+    """Every reason `bundles` under `strategy` cannot fit `free_per_node`; empty when
+    they can (as far as per-node arithmetic can tell). `word` says what the numbers
+    are ("free", or "held" for node capacities)."""
     keys = sorted({k for b in bundles for k in b if not k.startswith("node:")})
-    asked = f"Asked for {len(bundles)} bundles of {{{_fmt(bundles[0], keys)}}} with {strategy}."
-    nodes = "; ".join(f"{ip}: {_fmt(res, keys)}" for ip, res in sorted(free_per_node.items()))
-    have = f" Free per node: {nodes or 'no alive nodes'}."
     reasons = []
     for key in keys:
         need = sum(b.get(key, 0.0) for b in bundles)
         total = sum(res.get(key, 0.0) for res in free_per_node.values())
         if total + 1e-9 < need:
-            reasons.append(f"the cluster has {total:g} {key} free in total, the layout needs "
+            reasons.append(f"the cluster has {total:g} {key} {word} in total, the layout needs "
                            f"{need:g}")
     fitting_nodes = [ip for ip, res in free_per_node.items() if _fits(bundles[0], res)]
     if not fitting_nodes:
@@ -284,19 +311,45 @@ def diagnose_placement(
         whole = {k: sum(b.get(k, 0.0) for b in bundles) for k in keys}
         if not any(_fits(whole, res) for res in free_per_node.values()):
             reasons.append(f"STRICT_PACK puts all bundles on one node, and no node has "
-                           f"{{{_fmt(whole, keys)}}} free")
+                           f"{{{_fmt(whole, keys)}}} {word}")
     if not reasons:
         capacity = sum(_bundles_that_fit(bundles[0], res) for res in free_per_node.values())
         if capacity < len(bundles):
             reasons.append(f"the free resources are split across nodes so that only {capacity} "
                            f"whole bundle(s) fit")
-    fix = (" Fix: lower pipeline_parallel_size x tensor_parallel_size or the per-worker "
-           "resources, add nodes, or choose a looser placement_strategy.")
+    return reasons
+
+
+def describe_request(
+    bundles: Sequence[Mapping[str, float]],
+    strategy: str,
+    free_per_node: Mapping[str, Mapping[str, float]],
+    word: str = "free",
+) -> str:
+    keys = sorted({k for b in bundles for k in b if not k.startswith("node:")})
+    nodes = "; ".join(f"{ip}: {_fmt(res, keys)}" for ip, res in sorted(free_per_node.items()))
+    return (f"Asked for {len(bundles)} bundles of {{{_fmt(bundles[0], keys)}}} with {strategy}. "
+            f"{word.capitalize()} per node: {nodes or 'no alive nodes'}.")
+
+
+SHORTFALL_FIX = (" Fix: lower pipeline_parallel_size x tensor_parallel_size or the per-worker "
+                 "resources, add nodes, or choose a looser placement_strategy.")
+
+
+def diagnose_placement(
+    bundles: Sequence[Mapping[str, float]],
+    strategy: str,
+    free_per_node: Mapping[str, Mapping[str, float]],
+) -> str:
+    """Why `bundles` under `strategy` do not fit the free resources, in words."""
+    reasons = placement_shortfalls(bundles, strategy, free_per_node)
+    fix = SHORTFALL_FIX
     if not reasons:
         reasons.append("the resources look sufficient now; other placement groups or actors "
                        "may have held them, or nodes were still joining")
         fix = " Fix: free the resources held elsewhere or raise pg_ready_timeout_s."
-    return asked + have + " Impossible because " + "; ".join(reasons) + "." + fix
+    return (describe_request(bundles, strategy, free_per_node) + " Impossible because "
+            + "; ".join(reasons) + "." + fix)
 
 
 def _bundles_that_fit(bundle: Mapping[str, float], free: Mapping[str, float]) -> int:

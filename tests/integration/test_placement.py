@@ -127,10 +127,24 @@ def test_more_gpus_than_the_cluster_has(slot_ray):
     with pytest.raises(PlacementError) as info:
         RayDistributedExecutor(cfg)
     msg = str(info.value)
-    assert "not ready after 3s (pg_ready_timeout_s)" in msg
+    # Checked against what the nodes hold before any group is created.
     assert "Asked for 4 bundles of {GPU=1} with PACK" in msg
-    assert "the cluster has 0 GPU free in total, the layout needs 4" in msg
+    assert "GPU needed 4 vs held 0" in msg
+    assert "the cluster has 0 GPU held in total, the layout needs 4" in msg
     assert_no_leaks(before)
+
+
+def test_given_group_that_never_becomes_ready_times_out_and_is_kept(slot_ray):
+    group = placement_group([{"GPU": 1.0}, {"GPU": 1.0}])  # pending forever: no GPUs
+    with pytest.raises(PlacementError) as info:
+        RayDistributedExecutor(config(pipeline_parallel_size=2, device="cuda",
+                                      num_devices_per_worker=1, placement_group=group,
+                                      pg_ready_timeout_s=2.0))
+    msg = str(info.value)
+    assert "not ready after 2s (pg_ready_timeout_s)" in msg
+    assert "Asked for 2 bundles of {GPU=1} with PACK" in msg and "0 GPU free" in msg
+    assert group.id.hex() in live_placement_groups()  # the caller's group stays
+    ray.util.remove_placement_group(group)
 
 
 def test_strict_spread_over_too_few_nodes(slot_ray):

@@ -1,8 +1,9 @@
 """The words of a PlacementError, from the pure diagnosis (no Ray cluster)."""
 
 from rayexec import ExecutorConfig
-from rayexec.placement import bundle_for, diagnose_placement, embedded_cpus
+from rayexec.placement import diagnose_placement, embedded_cpus
 from rayexec.platform import CPU, CUDA
+from rayexec.resources import ResourceConfig
 
 GPU1 = {"GPU": 1.0}
 
@@ -51,9 +52,10 @@ def test_driver_pin_resource_is_ignored_in_words():
 
 def test_bundle_shapes():
     c = ExecutorConfig(worker_cls=object, num_cpus_per_worker=2, memory_per_worker=1 << 30)
-    assert bundle_for(c, CUDA) == {"GPU": 1.0, "CPU": 2.0, "memory": float(1 << 30)}
-    assert bundle_for(ExecutorConfig(worker_cls=object, num_devices_per_worker=0.5), CPU) == {
-        "CPU": 0.5}
+    assert ResourceConfig.for_executor(c, CUDA).bundle() == {
+        "GPU": 1.0, "CPU": 2.0, "memory": float(1 << 30)}
+    half = ExecutorConfig(worker_cls=object, num_devices_per_worker=0.5)
+    assert ResourceConfig.for_executor(half, CPU).bundle() == {"CPU": 0.5}
 
 
 def test_embedded_ray_gets_enough_cpus_for_a_cpu_layout():
