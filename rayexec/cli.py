@@ -5,6 +5,8 @@ Subcommands:
             (--markdown for the README table)
   layout    start an executor with a worker that only reports where it runs, print
             the rank layout (rank -> node IP, pp/tp rank, devices) and stop
+  generate  serve the reference decoder (rayexec.models) as PP x TP workers, greedy-
+            generate, print layout, tokens/s, time to first token, step latency
 Each subcommand lives in a small function; heavy imports happen inside them.
 """
 
@@ -103,6 +105,93 @@ class _ReportOnly:
 
     def execute_model(self, batch, intermediate=None):
         return batch
+
+
+@subcommand("generate")
+def _generate(parser: argparse.ArgumentParser):
+    """Serve the reference decoder with PP x TP workers and greedy-generate."""
+    parser.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    parser.add_argument("--prompts", type=int, default=8, help="number of prompts")
+    parser.add_argument("--prompt-len", type=int, default=16,
+                        help="longest prompt (lengths vary from half of it)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per prompt")
+    parser.add_argument("--model", default="small", help="decoder preset: small|large")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="fixes the weights and the prompts (same for every layout)")
+    parser.add_argument("--device", default="auto", help="auto|cuda|rocm|cpu")
+    parser.add_argument("--forward", default="dag", choices=["dag", "rpc"],
+                        help="compiled Ray DAG or plain Ray calls per step")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from rayexec import RayDistributedExecutor
+        from rayexec.layout import format_layout
+        from rayexec.models import (
+            DecoderConfig,
+            decoder_executor_config,
+            generate,
+            make_prompts,
+        )
+
+        model = DecoderConfig.from_any(args.model)
+        cfg = decoder_executor_config(args.pp, args.tp, model=args.model, seed=args.seed,
+                                      device=args.device, forward=args.forward)
+        prompts = make_prompts(args.prompts, args.prompt_len, model.vocab_size, args.seed)
+        with RayDistributedExecutor(cfg) as ex:
+            transport = f" over {ex.transport}" if ex.transport else ""
+            print(f"layout: PP={args.pp} x TP={args.tp} on {ex.platform.name}, "
+                  f"forward={args.forward}{transport}")
+            print(format_layout(ex.layout, ex.platform), flush=True)
+            ex.warmup()
+            generate(ex, prompts[:1], 2)  # warm-up, excluded from the numbers
+            progress = _Progress(f"generating {len(prompts)} prompts x "
+                                 f"{args.max_new_tokens} tokens")
+            result = generate(ex, prompts, args.max_new_tokens, progress=progress)
+            progress.close()
+            layout = [{"rank": p.rank, "node_ip": p.node_ip, "pp_rank": p.pp_rank,
+                       "tp_rank": p.tp_rank, "local_rank": p.local_rank,
+                       "devices": list(p.visible_devices) or None} for p in ex.layout]
+        s = result.summary()
+        print(f"tokens/s: {s['tokens_per_s']:.1f} ({s['tokens']} tokens in "
+              f"{s['elapsed_s']:.2f} s)")
+        print(f"time to first token: {s['ttft_s'] * 1e3:.1f} ms (median over prompts; "
+              f"max {s['ttft_max_s'] * 1e3:.1f} ms)")
+        if s["step_ms_median"] is not None:
+            print(f"decode step latency: median {s['step_ms_median']:.2f} ms, "
+                  f"p90 {s['step_ms_p90']:.2f} ms ({s['decode_steps']} steps)")
+        print(f"first generated ids (prompt 0): {result.token_ids[0][:16]}")
+        if args.json:
+            record = {"layout": layout, "token_ids": result.token_ids, **s,
+                      "pp": args.pp, "tp": args.tp, "device": ex.platform.name,
+                      "forward": args.forward, "model": args.model, "seed": args.seed,
+                      "prompts": args.prompts, "max_new_tokens": args.max_new_tokens}
+            with open(args.json, "w") as f:
+                json.dump(record, f, indent=1)
+            print(f"wrote {args.json}")
+        return 0
+    return run
+
+
+class _Progress:
+    """A one-line progress counter: rewritten in place on a terminal, else printed
+    at each quarter."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.tty, self.shown = label, sys.stderr.isatty(), -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.tty:
+            print(f"\r{self.label}: {done}/{total} tokens", end="", file=sys.stderr, flush=True)
+        elif done * 4 // total > self.shown:
+            self.shown = done * 4 // total
+            print(f"{self.label}: {done}/{total} tokens", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
