@@ -95,6 +95,7 @@ class ForwardDag:
 
         check_compiled_graphs()
         self.transport = transport
+        self._teardown_thread: threading.Thread | None = None
         with InputNode() as step_input:
             outputs: list[Any] = [step_input] * len(grid[0])
             outputs_by_stage = []
@@ -122,13 +123,15 @@ class ForwardDag:
 
     def teardown(self, timeout_s: float) -> bool:
         """Tear the graph down, waiting at most `timeout_s`; False if it did not finish
-        (the caller must then kill the actors, which releases the stuck teardown)."""
-        thread = threading.Thread(target=self._teardown, name="rayexec-dag-teardown", daemon=True)
-        thread.start()
-        thread.join(timeout_s)
-        if thread.is_alive():
-            logger.warning("compiled DAG teardown still running after %gs; the workers will be "
-                           "killed to release it", timeout_s)
+        (the caller must then kill the blocked actors, which releases it)."""
+        if self._teardown_thread is None:
+            self._teardown_thread = threading.Thread(
+                target=self._teardown, name="rayexec-dag-teardown", daemon=True)
+            self._teardown_thread.start()
+        self._teardown_thread.join(timeout_s)
+        if self._teardown_thread.is_alive():
+            logger.warning("compiled DAG teardown still running after %gs; blocked workers "
+                           "will be killed to release it", timeout_s)
             return False
         return True
 

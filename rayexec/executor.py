@@ -97,6 +97,9 @@ class RayDistributedExecutor:
         self._callbacks: list[FailureCallback] = []
         self._dead: dict[int, str] = {}  # rank -> node IP
         self._state_lock = threading.Lock()
+        # Held while workers are being replaced; calls wait for it (see _check_usable).
+        self._restart_lock = threading.RLock()
+        self._generation = 0  # bumped per restart: stale death reports are ignored
         self.platform: Platform | None = None
         self.transport: str | None = None
         try:
@@ -127,11 +130,16 @@ class RayDistributedExecutor:
         for phase in ("init_device", "load_model"):
             if callable(getattr(self.worker_cls, phase, None)):
                 group.run(phase)
+        self._start_monitor()
+
+    def _start_monitor(self) -> None:
         # A weak method: the monitor thread must not keep the executor alive, or
         # weakref.finalize could never run.
         on_death = weakref.WeakMethod(self._on_death)
+        generation = self._generation
         self._parts.monitor = DeathMonitor(
-            group.actors, lambda ranks, errors: (on_death() or _ignore)(ranks, errors)
+            self._group.actors,
+            lambda ranks, errors: (on_death() or _ignore)(ranks, errors, generation),
         )
         self._parts.monitor.start()
 
@@ -191,6 +199,8 @@ class RayDistributedExecutor:
         """Call `method` (a worker method name, or a callable taking the worker first)
         on every rank (or `ranks`); results in rank order."""
         self._check_open()
+        with self._restart_lock:  # wait for a restart in progress to finish
+            pass
         if isinstance(method, str):
             self._check_method(method)
         elif not callable(method):
@@ -246,6 +256,8 @@ class RayDistributedExecutor:
             if self.config.forward == "dag":
                 try:
                     refs = self._ensure_dag().execute((step, batch))
+                except RayChannelTimeoutError:  # stage 0 never took the input
+                    raise self._step_timeout(step) from None
                 except RayChannelError as e:  # torn down by Ray after a death
                     raise self._died(e) from None
                 future = steps.submit(lambda: self._fetch_dag(refs, step))
@@ -302,6 +314,20 @@ class RayDistributedExecutor:
             return WorkerDiedError(list(known), list(known.values()), err.detail)
         return err
 
+    def _ranks_mid_step(self) -> set[int]:
+        """Ranks that started a step and have not finished it (or do not answer)."""
+        refs = [a.get_progress.remote() for a in self._group.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROGRESS_TIMEOUT_S)
+        busy = set()
+        for rank, ref in enumerate(refs):
+            try:
+                started, finished, _ = ray.get(ref) if ref in ready else (1, 0, 0)
+            except Exception:
+                continue  # dead: already among the replaced
+            if started > finished:
+                busy.add(rank)
+        return busy
+
     def _step_timeout(self, step: int) -> ExecutorTimeoutError:
         """Which ranks have not finished `step`, asked outside the stuck DAG."""
         group = self._group
@@ -348,9 +374,11 @@ class RayDistributedExecutor:
         if dead:
             callback(WorkerDiedError(list(dead), list(dead.values()), "died earlier"))
 
-    def _on_death(self, ranks: list[int], errors: list[BaseException]) -> None:
+    def _on_death(self, ranks: list[int], errors: list[BaseException], generation: int) -> None:
         group = self._group
         with self._state_lock:
+            if generation != self._generation or self._closed:
+                return  # a worker we replaced or killed on purpose
             for rank in ranks:
                 self._dead[rank] = group.node_ip(rank)
         detail = str(errors[0]).splitlines()[0] if errors and str(errors[0]) else "actor died"
@@ -362,6 +390,57 @@ class RayDistributedExecutor:
                 callback(error)
             except Exception:
                 logger.exception("failure callback %r raised", callback)
+        if self.config.restart_on_failure:
+            threading.Thread(target=self._restart_quietly, name="rayexec-restart",
+                             daemon=True).start()
+
+    def _restart_quietly(self) -> None:
+        try:
+            self.restart_failed_workers()
+        except Exception:
+            logger.exception("automatic restart (restart_on_failure=True) failed")
+
+    def restart_failed_workers(self) -> list[int]:
+        """Replace dead workers on their own bundles with their own ranks, rebuild every
+        engine worker (init_worker, init_device, load_model) with a fresh rendezvous
+        (so torch.distributed groups are rebuilt) and the compiled DAG. Steps in
+        flight fail with WorkerDiedError. Returns the ranks whose actors were replaced
+        (empty when every worker is alive)."""
+        self._check_open()
+        with self._restart_lock:
+            dead, _ = self._group.ping(self.config.health_check_timeout_s)
+            with self._state_lock:
+                dead = sorted(set(dead) | set(self._dead))
+                self._generation += 1  # from here on, deaths are ours
+            if not dead:
+                return []
+            logger.warning("replacing the workers of rank(s) %s", dead)
+            if self._parts.monitor is not None:
+                self._parts.monitor.stop()
+            steps = self._parts.steps
+            steps.fail_all(WorkerDiedError(dead, [self._group.node_ip(r) for r in dead],
+                                           "replaced by restart_failed_workers()"))
+            steps.clear()
+            replace, replace_all = set(dead), False
+            dag = self._parts.dag
+            if dag is not None and not dag.teardown(DAG_TEARDOWN_TIMEOUT_S):
+                # Survivors caught mid-step (e.g. in a collective with the dead rank)
+                # block the teardown: replace them too, which releases it.
+                mid_step = self._ranks_mid_step() - replace
+                logger.warning("rank(s) %s were mid-step; replacing them too", sorted(mid_step))
+                replace |= mid_step
+                self._group.kill_ranks(sorted(mid_step))
+                replace_all = not dag.teardown(DAG_TEARDOWN_TIMEOUT_S)
+            self._parts.dag = None
+            replaced = self._group.restart(sorted(replace), replace_all=replace_all)
+            for phase in ("init_device", "load_model"):
+                if callable(getattr(self.worker_cls, phase, None)):
+                    self._group.run(phase)
+            with self._state_lock:
+                self._dead.clear()
+            self._start_monitor()
+            logger.warning("replaced rank(s) %s; the executor serves again", replaced)
+            return replaced
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -372,6 +451,8 @@ class RayDistributedExecutor:
 
     def _check_usable(self) -> None:
         self._check_open()
+        with self._restart_lock:  # wait for a restart in progress to finish
+            pass
         with self._state_lock:
             dead = dict(self._dead)
         if dead:

@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayexec import envs, layout
 from rayexec.config import ExecutorConfig
-from rayexec.errors import ExecutorTimeoutError, WorkerDiedError, WorkerError
+from rayexec.errors import ExecutorTimeoutError, PlacementError, WorkerDiedError, WorkerError
 from rayexec.placement import (
     Placement,
     acquire_placement,
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 ActorHandle = Any
 Method = str | Callable[..., Any]
+RESET_TIMEOUT_S = 10.0
 
 
 def _url_host(ip: str) -> str:
@@ -116,22 +117,33 @@ class WorkerGroup:
         """Steps 1-4 of the module docstring. On failure the caller calls shutdown()."""
         self._created = [self._create_actor(i, b) for i, b in
                          enumerate(self.placement.bundle_indices)]
-        key = self.platform.resource_key
+        self._configure()
+
+    def _configure(self, keep_order: list[int] | None = None) -> None:
+        """Steps 2-4 over the actors in `_created`. `keep_order` (worker indices in
+        rank order) makes sure replacements take the ranks of the workers they replace."""
         infos = self._wait(
-            [a.get_node_and_device_ids.remote(key) for a in self._created],
+            [a.get_node_and_device_ids.remote(self.platform.resource_key)
+             for a in self._created],
             self.config.pg_ready_timeout_s, "starting the worker actors", "pg_ready_timeout_s",
         )
         driver_node = ray.get_runtime_context().get_node_id()
         workers = [
             layout.WorkerInfo(
-                node_id=node_id,
+                node_id=info["node_id"],
                 # host_ip names the driver node's address on multi-NIC machines.
-                node_ip=self.driver_ip if node_id == driver_node else ip,
-                device_ids=tuple(devices), node_cpus=cpus,
+                node_ip=self.driver_ip if info["node_id"] == driver_node else info["node_ip"],
+                device_ids=tuple(info["device_ids"]), node_cpus=info["node_cpus"],
+                ray_node_ip=info["ray_node_ip"], ip_is_local=info["ip_is_local"],
             )
-            for node_id, ip, devices, cpus in infos
+            for info in infos
         ]
         order = layout.order_workers(self.driver_ip, workers)
+        if keep_order is not None and order != keep_order:
+            raise PlacementError(
+                f"replacement workers landed on other devices than the ones they replace "
+                f"(worker order {order}, expected {keep_order}); create a new executor"
+            )
         master_port = ray.get(self._created[order[0]].find_free_port.remote())
         self.plans = layout.plan_ranks(
             self.topology, self.platform, self.driver_ip, workers, master_port,
@@ -148,7 +160,7 @@ class WorkerGroup:
         self._wait([a.update_environment_variables.remote(dict(p.env))
                     for a, p in zip(self.actors, self.plans)],
                    None, "setting worker environments", "rpc_timeout_s")
-        init_method = (f"tcp://{_url_host(self.plans[0].node_ip)}:{master_port}")
+        init_method = f"tcp://{_url_host(self.plans[0].node_ip)}:{master_port}"
         self._wait(
             [
                 a.init_worker.remote(
@@ -163,6 +175,33 @@ class WorkerGroup:
             None, "init_worker", "rpc_timeout_s",
         )
 
+    def restart(self, ranks: Sequence[int], replace_all: bool = False) -> list[int]:
+        """Replace the workers of `ranks` (dead or stuck) with new actors on the same
+        bundles, keeping every rank; reset the others (their engine worker and
+        torch.distributed state) and build every engine worker again with a fresh
+        rendezvous. A survivor that cannot be reset in time is replaced too.
+        Returns the ranks whose actors were replaced."""
+        replace = set(range(len(self.actors))) if replace_all else set(ranks)
+        survivors = [r for r in range(len(self.actors)) if r not in replace]
+        refs = {r: self.actors[r].reset_worker.remote() for r in survivors}
+        if refs:
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs),
+                                timeout=RESET_TIMEOUT_S)
+            for rank, ref in refs.items():
+                try:
+                    if ref not in ready:
+                        raise TimeoutError(f"no answer in {RESET_TIMEOUT_S:g}s")
+                    ray.get(ref)
+                except Exception as e:
+                    logger.warning("rank %d could not be reset (%s); replacing it", rank, e)
+                    replace.add(rank)
+        old_order = [p.worker_index for p in self.plans]
+        self.kill_ranks(sorted(replace))
+        for rank in sorted(replace):
+            index = self.plans[rank].worker_index
+            self._created[index] = self._create_actor(index, self.placement.bundle_indices[index])
+        self._configure(keep_order=old_order)
+        return sorted(replace)
     def rank_kwargs(self, plan: layout.RankPlan, init_method: str) -> dict[str, Any]:
         return {
             "rank": plan.rank, "local_rank": plan.local_rank,
@@ -282,6 +321,14 @@ class WorkerGroup:
         return dead, [refs.index(r) for r in pending]
 
     # ---- shutdown -----------------------------------------------------------------------
+    def kill_ranks(self, ranks: Sequence[int]) -> None:
+        """Kill the actors of `ranks` now (restart replaces them)."""
+        for rank in ranks:
+            try:
+                ray.kill(self.actors[rank], no_restart=True)
+            except Exception as e:
+                logger.debug("killing rank %d: %s", rank, e)
+
     def kill(self, timeout_s: float = 10.0) -> None:
         """Kill every actor we created and wait (bounded) until Ray reports them gone."""
         for actor in self._created:

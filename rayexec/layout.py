@@ -45,6 +45,10 @@ class WorkerInfo:
     node_ip: str
     device_ids: tuple[str, ...] = ()
     node_cpus: int = 1
+    ray_node_ip: str | None = None
+    """The node's IP as Ray knows it (node_ip differs when RAYEXEC_HOST_IP is set)."""
+    ip_is_local: bool = True
+    """Whether node_ip is an address of the worker's own machine."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,12 @@ def check_node_identity(workers: Sequence[WorkerInfo]) -> None:
     ips_of_node: dict[str, set[str]] = defaultdict(set)
     nodes_of_ip: dict[str, set[str]] = defaultdict(set)
     for w in workers:
+        if not w.ip_is_local:
+            raise PlacementError(
+                f"node {w.node_id} (Ray: {w.ray_node_ip}) reports IP {w.node_ip}, which is not "
+                f"an address of that machine, so no peer could reach it. Set host_ip / "
+                f"RAYEXEC_HOST_IP on that node to one of its own addresses, or unset it."
+            )
         ips_of_node[w.node_id].add(w.node_ip)
         nodes_of_ip[w.node_ip].add(w.node_id)
     for node_id, ips in ips_of_node.items():

@@ -15,10 +15,12 @@ environments; `layout.py` does.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -67,6 +69,16 @@ def _pin_process(cores: tuple[int, ...]) -> None:
             pass  # a thread that ended between listdir and the call
 
 
+def _is_local(ip: str) -> bool:
+    """Whether `ip` is an address of this machine (binding to it succeeds)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
 class WorkerWrapper:
     """Hosts one engine worker; every public method is callable from the driver."""
 
@@ -88,11 +100,18 @@ class WorkerWrapper:
             self._node_ip = envs.node_host_ip() or ray.util.get_node_ip_address()
         return self._node_ip
 
-    def get_node_and_device_ids(self, resource_key: str) -> tuple[str, str, list[str], int]:
-        """(node id, node IP, ids of the `resource_key` devices Ray gave us, node CPUs)."""
+    def get_node_and_device_ids(self, resource_key: str) -> dict[str, Any]:
+        """Where this worker landed: node id, the IP it will use (RAYEXEC_HOST_IP or
+        Ray's), Ray's IP for the node, whether that IP is an address of this machine,
+        the ids of the `resource_key` devices Ray gave it, and the node's CPU count."""
         ctx = ray.get_runtime_context()
         ids = [] if resource_key == "CPU" else ctx.get_accelerator_ids().get(resource_key, [])
-        return ctx.get_node_id(), self.get_node_ip(), [str(i) for i in ids], os.cpu_count() or 1
+        ip = self.get_node_ip()
+        return {
+            "node_id": ctx.get_node_id(), "node_ip": ip,
+            "ray_node_ip": ray.util.get_node_ip_address(), "ip_is_local": _is_local(ip),
+            "device_ids": [str(i) for i in ids], "node_cpus": os.cpu_count() or 1,
+        }
 
     def find_free_port(self) -> int:
         """A TCP port free on this node's own address (the rendezvous binds there)."""
@@ -130,6 +149,18 @@ class WorkerWrapper:
 
     def _build(self, worker_cls: type | str, kwargs: dict[str, Any]) -> None:
         self.worker = import_worker_cls(worker_cls)(**kwargs)
+
+    def reset_worker(self) -> None:
+        """Drop the engine's worker and torch.distributed state, so that init_worker can
+        build it again (used when a peer is replaced)."""
+        self.worker = None
+        self.step_started = self.step_finished = -1
+        if "torch" in sys.modules:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        gc.collect()
 
     # ---- calls from the driver ------------------------------------------------------
     def execute_method(self, method: str | bytes, *args: Any, **kwargs: Any) -> Any:

@@ -159,3 +159,12 @@ class CudaWorker:
             assert t.is_cuda and t.device.index == self.local_rank, t.device
             t = t * 2
         return {"t": t.cpu()} if batch["last_stage"] == self.pp_rank else {"t": t}
+
+
+class StuckWorker(RecordingWorker):
+    """Sleeps (practically) forever in execute_model on the rank named by the batch."""
+
+    def execute_model(self, batch, intermediate=None):
+        if batch.get("stuck_rank") == self.rank:
+            time.sleep(3600)
+        return super().execute_model(batch, intermediate)
