@@ -44,7 +44,8 @@ def local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    # address="local": never join another cluster running on this machine.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray
     finally:

@@ -17,7 +17,7 @@ def gpu_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -52,7 +52,8 @@ def test_request_beyond_the_cluster_fails_before_any_group(local_ray, no_leaks):
 def gpu_ray():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+             logging_level="WARNING")
     yield
     ray.shutdown()
 
