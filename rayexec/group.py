@@ -36,7 +36,12 @@ from rayexec.placement import (
 )
 from rayexec.platform import Platform, resolve_platform
 from rayexec.resources import ResourceConfig
-from rayexec.worker import CONCURRENCY_GROUPS, WorkerWrapper, import_worker_cls
+from rayexec.worker import (
+    CONCURRENCY_GROUPS,
+    WorkerWrapper,
+    import_worker_cls,
+    is_local_address,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +116,12 @@ class WorkerGroup:
         self._created: list[ActorHandle] = []  # creation order, for cleanup
         self.actor_rank: dict[str, int] = {}  # actor id hex -> rank
         self.driver_ip = config.host_ip or envs.node_host_ip() or driver_node_ip()
+        if not is_local_address(self.driver_ip):
+            raise PlacementError(
+                f"host_ip={self.driver_ip!r} is not an address of the driver's machine, so "
+                f"workers could not reach it; set host_ip / RAYEXEC_HOST_IP to one of this "
+                f"machine's own addresses (Ray knows it as {driver_node_ip()})"
+            )
 
     # ---- start-up ---------------------------------------------------------------------
     def start(self) -> None:

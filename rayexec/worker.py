@@ -69,7 +69,7 @@ def _pin_process(cores: tuple[int, ...]) -> None:
             pass  # a thread that ended between listdir and the call
 
 
-def _is_local(ip: str) -> bool:
+def is_local_address(ip: str) -> bool:
     """Whether `ip` is an address of this machine (binding to it succeeds)."""
     try:
         with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
@@ -109,7 +109,7 @@ class WorkerWrapper:
         ip = self.get_node_ip()
         return {
             "node_id": ctx.get_node_id(), "node_ip": ip,
-            "ray_node_ip": ray.util.get_node_ip_address(), "ip_is_local": _is_local(ip),
+            "ray_node_ip": ray.util.get_node_ip_address(), "ip_is_local": is_local_address(ip),
             "device_ids": [str(i) for i in ids], "node_cpus": os.cpu_count() or 1,
         }
 

@@ -9,11 +9,13 @@ import ray
 from ray.cluster_utils import Cluster
 
 from rayexec import ExecutorConfig, PlacementError, RayDistributedExecutor
-from tests.helpers import assert_no_leaks
+from tests.helpers import assert_no_leaks, cluster_snapshot
 from tests.workers import IdentityWorker
 
 
-def start_cluster(nodes: list[tuple[str, int]]) -> Cluster:
+def start_cluster(nodes: list[tuple[str, int]], node_env: dict | None = None) -> Cluster:
+    """Nodes (ip, fake GPU count); `node_env` maps an ip to its raylet's extra
+    environment (inherited by the workers started there)."""
     if ray.is_initialized():
         ray.shutdown()
     (head_ip, head_gpus), *others = nodes
@@ -21,7 +23,8 @@ def start_cluster(nodes: list[tuple[str, int]]) -> Cluster:
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         node_ip_address=head_ip, num_cpus=2, num_gpus=head_gpus, include_dashboard=False))
     for ip, gpus in others:
-        cluster.add_node(node_ip_address=ip, num_cpus=1, num_gpus=gpus)
+        cluster.add_node(node_ip_address=ip, num_cpus=1, num_gpus=gpus,
+                         env_vars=(node_env or {}).get(ip))
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, _node_ip_address=head_ip, logging_level="WARNING")
     return cluster
@@ -86,3 +89,37 @@ def test_two_nodes_with_the_same_ip_fail_naming_the_fix():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_node_address_override_must_be_an_address_of_that_node():
+    cluster = start_cluster([("127.0.0.6", 1), ("127.0.0.7", 1), ("127.0.0.8", 1)],
+                            node_env={"127.0.0.7": {"RAYEXEC_HOST_IP": "127.0.0.17"},
+                                      "127.0.0.8": {"RAYEXEC_HOST_IP": "10.255.255.1"}})
+    try:
+        # A valid override (an address the node owns) is used for that node's ranks.
+        group = _spread_group(["127.0.0.6", "127.0.0.7"])
+        cfg = ExecutorConfig(tensor_parallel_size=2, device="cuda", forward="rpc",
+                             worker_cls=IdentityWorker, placement_group=group)
+        with RayDistributedExecutor(cfg) as ex:
+            assert [p.node_ip for p in ex.layout] == ["127.0.0.6", "127.0.0.17"]
+            assert ex.collective_rpc("report")[1]["node_ip"] == "127.0.0.7"  # Ray's view
+        ray.util.remove_placement_group(group)
+        # One that is not an address of the node differs from Ray's and cannot work.
+        cfg = cfg.replace(placement_group=_spread_group(["127.0.0.6", "127.0.0.8"]))
+        before = cluster_snapshot()
+        with pytest.raises(PlacementError, match=r"\(Ray: 127\.0\.0\.8\) reports IP "
+                                                 r"10\.255\.255\.1, which is not an address"):
+            RayDistributedExecutor(cfg)
+        assert_no_leaks(before)
+        with pytest.raises(PlacementError, match="host_ip='10.255.255.1' is not an address"):
+            RayDistributedExecutor(cfg.replace(host_ip="10.255.255.1"))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _spread_group(ips: list[str]):
+    """A placement group with one GPU bundle pinned to each of `ips`."""
+    group = ray.util.placement_group([{"GPU": 1, f"node:{ip}": 0.001} for ip in ips])
+    ray.get(group.ready(), timeout=60)
+    return group
