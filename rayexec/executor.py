@@ -41,10 +41,9 @@ from rayexec.errors import (
     ExecutorClosedError,
     ExecutorTimeoutError,
     WorkerDiedError,
-    WorkerError,
 )
 from rayexec.futures import StepQueue
-from rayexec.group import Method, WorkerGroup
+from rayexec.group import Method, WorkerGroup, method_name, unpicklable_is_clear
 from rayexec.layout import RankPlan
 from rayexec.monitor import DeathMonitor
 from rayexec.placement import ensure_ray
@@ -211,7 +210,7 @@ class RayDistributedExecutor:
         # Submit now, in the caller's thread, so calls keep the caller's order on
         # each actor; only the waiting happens elsewhere when non_block.
         refs = group.run_async(method, args, kwargs, ranks)
-        name = method if isinstance(method, str) else getattr(method, "__name__", "callable")
+        name = method_name(method)
         wait = lambda: group._wait(refs, timeout, f"collective_rpc({name!r})",  # noqa: E731
                                    "collective_rpc(timeout=) / rpc_timeout_s", labels=ranks)
         if not non_block:
@@ -250,7 +249,7 @@ class RayDistributedExecutor:
         submission order (see futures.py)."""
         self._check_usable()
         steps = self._parts.steps
-        with steps.lock:
+        with steps.lock, unpicklable_is_clear("execute_model(batch)"):
             self._step_id += 1
             step = self._step_id
             if self.config.forward == "dag":
@@ -299,11 +298,9 @@ class RayDistributedExecutor:
         return outs[0]
 
     def _task_error(self, e: RayTaskError) -> BaseException:
-        if isinstance(e.cause, WorkerError):
-            return e.cause
         if isinstance(e.cause, RayActorError):
             return self._died(e.cause)
-        return e
+        return self._group.task_error(e, None)
 
     def _died(self, e: BaseException) -> WorkerDiedError:
         err = self._group.died_error(e)

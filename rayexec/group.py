@@ -14,9 +14,10 @@ order, worker exceptions as `WorkerError`, dead actors as `WorkerDiedError`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cloudpickle
@@ -48,6 +49,27 @@ logger = logging.getLogger(__name__)
 ActorHandle = Any
 Method = str | Callable[..., Any]
 RESET_TIMEOUT_S = 10.0
+ACTOR_START_S = 60.0  # a worker process starting and importing torch on a busy node
+
+
+def method_name(method: Method) -> str:
+    return method if isinstance(method, str) else getattr(method, "__name__", "callable")
+
+
+@contextlib.contextmanager
+def unpicklable_is_clear(what: str) -> Iterator[None]:
+    """Turn Ray's and cloudpickle's serialization failures into one clear TypeError."""
+    try:
+        yield
+    except TypeError as e:
+        if "serialize" not in str(e) and "pickle" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise TypeError(
+            f"{what}: a value cannot be pickled to send to the workers ({first}). Pass "
+            f"picklable values (plain data, tensors), or create the object inside the worker "
+            f"(e.g. in a callable passed to collective_rpc)."
+        ) from None
 
 
 def _url_host(ip: str) -> str:
@@ -98,7 +120,11 @@ class WorkerGroup:
             ensure_ray(config)
             platform = resolve_platform(config.device, ray.cluster_resources())
         placement = acquire_placement(config, platform)
-        group = cls(config, platform, placement)
+        try:
+            group = cls(config, platform, placement)
+        except BaseException:
+            remove_group(placement)
+            raise
         try:
             group.start()
         except BaseException:
@@ -136,7 +162,8 @@ class WorkerGroup:
         infos = self._wait(
             [a.get_node_and_device_ids.remote(self.platform.resource_key)
              for a in self._created],
-            self.config.pg_ready_timeout_s, "starting the worker actors", "pg_ready_timeout_s",
+            self.config.pg_ready_timeout_s + ACTOR_START_S, "starting the worker actors",
+            f"pg_ready_timeout_s (plus {ACTOR_START_S:g}s allowed for process start)",
         )
         driver_node = ray.get_runtime_context().get_node_id()
         workers = [
@@ -261,10 +288,14 @@ class WorkerGroup:
         self, method: Method, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
         ranks: Sequence[int] | None = None,
     ) -> list[ray.ObjectRef]:
-        payload = method if isinstance(method, str) else cloudpickle.dumps(method)
         kwargs = kwargs or {}
         ranks = range(len(self.actors)) if ranks is None else ranks
-        return [self.actors[r].execute_method.remote(payload, *args, **kwargs) for r in ranks]
+        # Ray pickles arguments as each call is submitted, so an unpicklable value
+        # fails on the first rank, before anything runs anywhere.
+        with unpicklable_is_clear(f"collective_rpc({method_name(method)!r})"):
+            payload = method if isinstance(method, str) else cloudpickle.dumps(method)
+            return [self.actors[r].execute_method.remote(payload, *args, **kwargs)
+                    for r in ranks]
 
     def run(
         self, method: Method, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
@@ -272,9 +303,8 @@ class WorkerGroup:
     ) -> list[Any]:
         ranks = list(range(len(self.actors)) if ranks is None else ranks)
         refs = self.run_async(method, args, kwargs, ranks)
-        name = method if isinstance(method, str) else getattr(method, "__name__", "callable")
-        return self._wait(refs, timeout, f"collective_rpc({name!r})", "timeout / rpc_timeout_s",
-                          labels=ranks)
+        return self._wait(refs, timeout, f"collective_rpc({method_name(method)!r})",
+                          "timeout / rpc_timeout_s", labels=ranks)
 
     def _wait(
         self, refs: list[ray.ObjectRef], timeout: float | None, what: str, setting: str,
@@ -300,13 +330,23 @@ class WorkerGroup:
         try:
             return ray.get(ref, timeout=timeout)
         except RayTaskError as e:
-            if isinstance(e.cause, WorkerError):
-                raise e.cause from None
-            if isinstance(e.cause, RayActorError):
-                raise self.died_error(e.cause) from None
-            raise
+            raise self.task_error(e, rank) from None
         except RayActorError as e:
             raise self.died_error(e, default_rank=rank) from None
+
+    def task_error(self, e: RayTaskError, rank: int | None) -> BaseException:
+        """What a failed worker call means for the user: the worker's own WorkerError,
+        a WorkerDiedError, or a WorkerError built from what Ray reports (e.g. a
+        result that could not be pickled on the way back)."""
+        if isinstance(e.cause, WorkerError):
+            return e.cause
+        if isinstance(e.cause, RayActorError):
+            return self.died_error(e.cause, default_rank=rank)
+        cause = e.cause if e.cause is not None else e
+        return WorkerError(rank, self.node_ip(rank) if rank is not None else "?",
+                           getattr(e, "function_name", "?"), type(cause).__name__,
+                           str(cause).splitlines()[0] if str(cause) else "",
+                           getattr(e, "traceback_str", "") or str(e))
 
     def died_error(self, e: BaseException, default_rank: int | None = None) -> WorkerDiedError:
         """A WorkerDiedError naming the rank behind a Ray actor error."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ def ensure_ray(config: ExecutorConfig) -> str:
     address = envs.ray_address()
     if address:
         logger.info("joining the Ray cluster at RAY_ADDRESS=%s", address)
+        check_reachable(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except Exception as e:
@@ -82,6 +84,25 @@ def ensure_ray(config: ExecutorConfig) -> str:
         return "joined the running local cluster"
     logger.info("started an embedded local Ray with %d logical CPUs", num_cpus)
     return f"started a local Ray with {num_cpus} logical CPUs"
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """PlacementError now if nothing listens at `address` ("host:port" or
+    "ray://host:port"): ray.init would otherwise wait for minutes."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" or a form Ray resolves itself
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise PlacementError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address!r}: nothing answers at "
+            f"{host}:{port} within {timeout_s:g}s ({e}). Check that the head node is up (`ray "
+            f"status` there) and the address and port are right, or unset RAY_ADDRESS to start "
+            f"a local Ray."
+        ) from None
 
 
 def embedded_cpus(config: ExecutorConfig, physical_cpus: int) -> int:
