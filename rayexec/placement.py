@@ -313,15 +313,14 @@ def placement_shortfalls(
 ) -> list[str]:
     """Every reason `bundles` under `strategy` cannot fit `free_per_node`; empty when
     they can (as far as per-node arithmetic can tell). `word` says what the numbers
-    are ("free", or "held" for node capacities)."""
+    are ("free", or "in all" for node capacities)."""
     keys = sorted({k for b in bundles for k in b if not k.startswith("node:")})
     reasons = []
     for key in keys:
         need = sum(b.get(key, 0.0) for b in bundles)
         total = sum(res.get(key, 0.0) for res in free_per_node.values())
         if total + 1e-9 < need:
-            reasons.append(f"the cluster has {total:g} {key} {word} in total, the layout needs "
-                           f"{need:g}")
+            reasons.append(f"the cluster has {total:g} {key} {word}, the layout needs {need:g}")
     fitting_nodes = [ip for ip, res in free_per_node.items() if _fits(bundles[0], res)]
     if not fitting_nodes:
         reasons.append("no node can hold even one bundle")
@@ -350,7 +349,8 @@ def describe_request(
     keys = sorted({k for b in bundles for k in b if not k.startswith("node:")})
     nodes = "; ".join(f"{ip}: {_fmt(res, keys)}" for ip, res in sorted(free_per_node.items()))
     return (f"Asked for {len(bundles)} bundles of {{{_fmt(bundles[0], keys)}}} with {strategy}. "
-            f"{word.capitalize()} per node: {nodes or 'no alive nodes'}.")
+            f"{'Free' if word == 'free' else 'Resources'} per node: "
+            f"{nodes or 'no alive nodes'}.")
 
 
 SHORTFALL_FIX = (" Fix: lower pipeline_parallel_size x tensor_parallel_size or the per-worker "

@@ -166,17 +166,20 @@ class ResourceConfig:
         that fails that check can never be placed)."""
         from rayexec import placement
 
-        word = "held" if capacity else "free"
+        word = "in all" if capacity else "free"
         if cluster is None:
             cluster = (placement.total_resources_per_node() if capacity
                        else placement.free_resources_per_node())
         reasons = self.shortfalls(cluster, word)
         if reasons:
-            needed = ", ".join(
-                f"{k} needed {v:g} vs {word} {sum(r.get(k, 0) for r in cluster.values()):g}"
-                for k, v in self.required().items())
+            have = {k: sum(r.get(k, 0) for r in cluster.values()) for k in self.required()}
+            short = [f"{k} needed {v:g} vs {have[k]:g} {word}"
+                     for k, v in self.required().items() if have[k] + 1e-9 < v]
+            head = (f"not enough resources for {self.num_workers} worker(s): {', '.join(short)}"
+                    if short else
+                    f"cannot place {self.num_workers} worker(s) with {self.placement_strategy}")
             raise PlacementError(
-                f"not enough {word} resources for {self.num_workers} worker(s): {needed}. "
+                head + ". "
                 + placement.describe_request([self.bundle()] * self.num_workers,
                                              self.placement_strategy, cluster, word)
                 + " Cannot be placed: " + "; ".join(reasons) + ". Fix: ask for fewer workers or "

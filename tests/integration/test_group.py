@@ -43,7 +43,7 @@ def test_from_placement_group_keeps_the_group(local_ray):
 
 
 def test_request_beyond_the_cluster_fails_before_any_group(local_ray, no_leaks):
-    with pytest.raises(PlacementError, match="CPU needed 400 vs held 8"):
+    with pytest.raises(PlacementError, match="CPU needed 400 vs 8 in all"):
         WorkerGroup.from_config(RecordingWorker, None,
                                 ResourceConfig(num_workers=4, cpus_per_worker=100))
 

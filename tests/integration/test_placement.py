@@ -129,8 +129,8 @@ def test_more_gpus_than_the_cluster_has(slot_ray):
     msg = str(info.value)
     # Checked against what the nodes hold before any group is created.
     assert "Asked for 4 bundles of {GPU=1} with PACK" in msg
-    assert "GPU needed 4 vs held 0" in msg
-    assert "the cluster has 0 GPU held in total, the layout needs 4" in msg
+    assert "GPU needed 4 vs 0 in all" in msg
+    assert "the cluster has 0 GPU in all, the layout needs 4" in msg
     assert_no_leaks(before)
 
 

@@ -12,7 +12,7 @@ def test_too_many_gpus_names_need_and_free_per_node():
     msg = diagnose_placement([GPU1] * 8, "PACK", {"10.0.0.1": {"GPU": 2}, "10.0.0.2": {"GPU": 4}})
     assert "Asked for 8 bundles of {GPU=1} with PACK" in msg
     assert "10.0.0.1: GPU=2; 10.0.0.2: GPU=4" in msg
-    assert "the cluster has 6 GPU free in total, the layout needs 8" in msg
+    assert "the cluster has 6 GPU free, the layout needs 8" in msg
 
 
 def test_strict_spread_over_too_few_nodes():

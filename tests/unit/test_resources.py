@@ -49,9 +49,9 @@ def test_validate_available_names_each_shortfall_needed_vs_free():
     with pytest.raises(PlacementError) as info:
         r.validate_available(cluster)
     msg = str(info.value)
-    assert "GPU needed 4 vs free 3" in msg and "CPU needed 16 vs free 12" in msg
-    assert "the cluster has 3 GPU free in total, the layout needs 4" in msg
-    assert "the cluster has 12 CPU free in total, the layout needs 16" in msg
+    assert "GPU needed 4 vs 3 free" in msg and "CPU needed 16 vs 12 free" in msg
+    assert "the cluster has 3 GPU free, the layout needs 4" in msg
+    assert "the cluster has 12 CPU free, the layout needs 16" in msg
     ResourceConfig(num_workers=3, accelerator="GPU", cpus_per_worker=4).validate_available(
         cluster)
 
