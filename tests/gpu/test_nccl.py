@@ -11,17 +11,6 @@ from rayexec import ExecutorConfig, RayDistributedExecutor
 from tests.workers import CudaWorker
 
 
-@pytest.fixture
-def gpu_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def run_pp(pp: int, tp: int, **kw):
     cfg = ExecutorConfig(pipeline_parallel_size=pp, tensor_parallel_size=tp, device="cuda",
                          worker_cls=CudaWorker, **kw)
