@@ -60,14 +60,16 @@ def check_nccl_transport() -> None:
 
 
 def resolve_transport(channel: str, all_workers_have_gpu: bool) -> str:
-    """The edge transport: nccl or shm. auto = nccl when every worker has a GPU."""
+    """The edge transport: nccl or shm. auto = nccl when every worker has a GPU of
+    its own (`all_workers_have_gpu`)."""
     if channel == "auto":
         channel = "nccl" if all_workers_have_gpu else "shm"
     if channel == "nccl":
         if not all_workers_have_gpu:
             raise ValueError(
-                "ExecutorConfig.channel='nccl' needs a GPU on every worker, but some workers "
-                "hold none; use channel='shm' or 'auto'"
+                "ExecutorConfig.channel='nccl' needs a whole GPU on every worker, but the "
+                "workers hold none or share one (num_devices_per_worker < 1); use channel='shm' "
+                "or 'auto'"
             )
         check_nccl_transport()
     return channel

@@ -121,7 +121,9 @@ class RayDistributedExecutor:
         self.platform = resolve_platform(c.device, resources,
                                          c.device == "auto" and _torch_is_hip(resources))
         if c.forward == "dag":
-            self.transport = resolve_transport(c.channel, self.platform.resource_key == "GPU")
+            # NCCL needs a whole GPU per rank: workers sharing a GPU use shm.
+            self.transport = resolve_transport(
+                c.channel, self.platform.resource_key == "GPU" and c.num_devices_per_worker >= 1)
         logger.info("Ray: %s; device %s; forward %s%s", how, self.platform.name, c.forward,
                     f" over {self.transport}" if self.transport else "")
         group = WorkerGroup.launch(c, self.platform)

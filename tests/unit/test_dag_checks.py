@@ -11,7 +11,7 @@ from rayexec import dag
 def test_auto_transport_is_shm_without_gpus_and_nccl_needs_them():
     assert dag.resolve_transport("auto", all_workers_have_gpu=False) == "shm"
     assert dag.resolve_transport("shm", all_workers_have_gpu=True) == "shm"
-    with pytest.raises(ValueError, match="channel='nccl' needs a GPU on every worker"):
+    with pytest.raises(ValueError, match="channel=.nccl. needs a whole GPU on every worker"):
         dag.resolve_transport("nccl", all_workers_have_gpu=False)
 
 
