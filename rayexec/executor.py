@@ -96,8 +96,12 @@ class RayDistributedExecutor:
         self._callbacks: list[FailureCallback] = []
         self._dead: dict[int, str] = {}  # rank -> node IP
         self._state_lock = threading.Lock()
-        # Held while workers are being replaced; calls wait for it (see _check_usable).
+        # Held while workers are being replaced.
         self._restart_lock = threading.RLock()
+        # Cleared from the moment a death is seen (with restart_on_failure) until the
+        # replacement is done: calls wait on it instead of failing in between.
+        self._serving = threading.Event()
+        self._serving.set()
         self._generation = 0  # bumped per restart: stale death reports are ignored
         self.platform: Platform | None = None
         self.transport: str | None = None
@@ -199,8 +203,9 @@ class RayDistributedExecutor:
     ) -> list[Any] | Future:
         """Call `method` (a worker method name, or a callable taking the worker first)
         on every rank (or `ranks`); results in rank order."""
+        self._serving.wait()  # an automatic restart in progress
         self._check_open()
-        with self._restart_lock:  # wait for a restart in progress to finish
+        with self._restart_lock:  # a manual restart in progress
             pass
         if isinstance(method, str):
             self._check_method(method)
@@ -315,36 +320,23 @@ class RayDistributedExecutor:
 
     def _ranks_mid_step(self) -> set[int]:
         """Ranks that started a step and have not finished it (or do not answer)."""
-        refs = [a.get_progress.remote() for a in self._group.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROGRESS_TIMEOUT_S)
-        busy = set()
-        for rank, ref in enumerate(refs):
-            try:
-                started, finished, _ = ray.get(ref) if ref in ready else (1, 0, 0)
-            except Exception:
-                continue  # dead: already among the replaced
-            if started > finished:
-                busy.add(rank)
-        return busy
+        progress = self._group.progress(PROGRESS_TIMEOUT_S)
+        return {rank for rank, p in enumerate(progress)
+                if p is None or (p != "dead" and p[0] > p[1])}
 
     def _step_timeout(self, step: int) -> ExecutorTimeoutError:
         """Which ranks have not finished `step`, asked outside the stuck DAG."""
-        group = self._group
-        refs = [a.get_progress.remote() for a in group.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROGRESS_TIMEOUT_S)
         late, detail = [], []
-        for rank, ref in enumerate(refs):
-            if ref not in ready:
+        for rank, p in enumerate(self._group.progress(PROGRESS_TIMEOUT_S)):
+            if p is None or p == "dead":
                 late.append(rank)
-                detail.append(f"rank {rank} did not report progress")
-                continue
-            started, finished, since = ray.get(ref)
-            if finished < step:
+                detail.append(f"rank {rank} {'died' if p else 'did not report progress'}")
+            elif p[1] < step:
                 late.append(rank)
-                if started >= step:
-                    detail.append(f"rank {rank} has been in step {started} for "
-                                  f"{time.time() - since:.1f}s")
-        stages = sorted({group.topology.pp_rank(r) for r in late})
+                if p[0] >= step:
+                    detail.append(f"rank {rank} has been in step {p[0]} for "
+                                  f"{time.time() - p[2]:.1f}s")
+        stages = sorted({self._group.topology.pp_rank(r) for r in late})
         return ExecutorTimeoutError(f"forward step {step}", late, self.config.execute_timeout_s,
                                     "ExecutorConfig.execute_timeout_s", stages=stages,
                                     detail="; ".join(detail))
@@ -378,6 +370,8 @@ class RayDistributedExecutor:
         with self._state_lock:
             if generation != self._generation or self._closed:
                 return  # a worker we replaced or killed on purpose
+            if self.config.restart_on_failure:
+                self._serving.clear()
             for rank in ranks:
                 self._dead[rank] = group.node_ip(rank)
         detail = str(errors[0]).splitlines()[0] if errors and str(errors[0]) else "actor died"
@@ -398,6 +392,8 @@ class RayDistributedExecutor:
             self.restart_failed_workers()
         except Exception:
             logger.exception("automatic restart (restart_on_failure=True) failed")
+        finally:
+            self._serving.set()
 
     def restart_failed_workers(self) -> list[int]:
         """Replace dead workers on their own bundles with their own ranks, rebuild every
@@ -449,8 +445,9 @@ class RayDistributedExecutor:
             )
 
     def _check_usable(self) -> None:
+        self._serving.wait()  # an automatic restart in progress
         self._check_open()
-        with self._restart_lock:  # wait for a restart in progress to finish
+        with self._restart_lock:  # a manual restart in progress
             pass
         with self._state_lock:
             dead = dict(self._dead)
@@ -463,6 +460,7 @@ class RayDistributedExecutor:
         if self._closed:
             return
         self._closed = True
+        self._serving.set()  # wake calls waiting for a restart: they see the closing
         self._finalizer()
         atexit.unregister(self._finalizer)
 

@@ -358,6 +358,23 @@ class WorkerGroup:
     def node_ip(self, rank: int) -> str:
         return self.plans[rank].node_ip if rank < len(self.plans) else "?"
 
+    def progress(self, timeout: float) -> list[tuple[int, int, float] | str | None]:
+        """Per rank: (last step started, last step finished, when it started), "dead",
+        or None when the worker did not answer within `timeout`. Answered from the
+        workers' "control" concurrency group, so a stuck step does not block it."""
+        refs = [a.get_progress.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        out: list[tuple[int, int, float] | str | None] = []
+        for ref in refs:
+            if ref not in ready:
+                out.append(None)
+                continue
+            try:
+                out.append(ray.get(ref))
+            except (RayActorError, RayTaskError):
+                out.append("dead")
+        return out
+
     def ping(self, timeout: float) -> tuple[list[int], list[int]]:
         """(dead ranks, ranks that did not answer within `timeout`)."""
         refs = [a.ping.remote() for a in self.actors]
