@@ -1,0 +1,325 @@
+"""pp_tp_latency: what one forward step costs through rayexec's compiled DAG, next to
+plain Ray calls, a no-Ray shared-memory floor and the compute alone, across PP x TP
+layouts, payloads and channels, measured side by side in one run.
+
+    python benchmarks/pp_tp_latency.py                       # the full grid (minutes)
+    python benchmarks/pp_tp_latency.py --quick               # a smoke run
+    python benchmarks/pp_tp_latency.py --pp 2 --tp 2 --payloads 4k,1m --modes dag,rpc,floor
+
+Modes (runners.py): dag, rpc, floor, local. Workloads: echo (a tensor of each
+payload size passed through every stage; echo_worker.py) and model (the reference
+decoder's decode step, batch 8). Each configuration is warmed up, then timed step by
+step; the records give median / p90 / p99, steps/s and, for echo, MB/s. Prints a
+table, the issue's targets as MET / MISS, writes results/pp_tp_latency.json (and
+.png when matplotlib is importable) and ends with one machine-readable line.
+
+Ray: a private local cluster (never another program's running on the same machine)
+unless RAY_ADDRESS names one. Its workers run at Ray's niceness (15) unless
+--worker-niceness says otherwise, and the floor's processes at the same niceness, so
+priorities match. On a machine shared with other work, --repeat N runs the plan N
+times and pools the steps, so that load drifting over time weighs on every mode.
+
+Not here: the modes themselves (runners.py, floor.py) or the formatting (report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable as a package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import echo_worker, report  # noqa: E402
+from benchmarks.runners import (  # noqa: E402
+    MODES,
+    WORKLOADS,
+    Settings,
+    Workload,
+    merge_rounds,
+    run_configuration,
+)
+
+logger = logging.getLogger("pp_tp_latency")
+
+DEFAULT_OUT = ROOT / "results" / "pp_tp_latency.json"
+FULL = {"pp": [1, 2, 4], "tp": [1, 2], "payloads": [4 << 10, 1 << 20, 16 << 20],
+        "iters": 300, "warmup": 20, "max_seconds": 3.0}
+QUICK = {"pp": [2], "tp": [1, 2], "payloads": [4 << 10, 64 << 10],
+         "iters": 30, "warmup": 5, "max_seconds": 1.0}
+UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+         "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
+# Cheap modes first, so a cell's Ray-free references are in before the Ray runs.
+MODE_ORDER = ("local", "floor", "rpc", "dag")
+
+
+def parse_size(text: str) -> int:
+    """'4k' -> 4096, '1m' -> 1048576 (binary units), '100' -> 100."""
+    t = text.strip().lower()
+    digits = t.rstrip("kmib")
+    try:
+        value = int(digits) * UNITS[t[len(digits):]]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"payload {text!r} is not a size; use bytes or k/m suffixes, e.g. 4k,1m,16m"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"payload {text!r} must be at least 1 byte")
+    return value
+
+
+def _list(kind: Any, allowed: tuple[str, ...] | None = None) -> Any:
+    def parse(text: str) -> list[Any]:
+        items = [kind(x) for x in text.split(",") if x.strip()]
+        bad = [x for x in items if allowed is not None and x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of "
+                                             f"{list(allowed) if allowed else 'values'}")
+        return items
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: defaults become {QUICK}")
+    p.add_argument("--pp", type=_list(int), help=f"pipeline sizes (default {FULL['pp']})")
+    p.add_argument("--tp", type=_list(int), help=f"tensor-parallel sizes (default {FULL['tp']})")
+    p.add_argument("--payloads", type=_list(parse_size), help="echo payload sizes, e.g. "
+                   "4k,1m,16m (default)")
+    p.add_argument("--modes", type=_list(str, MODES), default=list(MODES),
+                   help=f"subset of {','.join(MODES)}")
+    p.add_argument("--workloads", type=_list(str, WORKLOADS), default=list(WORKLOADS),
+                   help=f"subset of {','.join(WORKLOADS)}")
+    p.add_argument("--channels", type=_list(str, ("shm", "nccl", "auto")),
+                   help="DAG edge transports (default: shm without GPUs, nccl,shm with)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="workers' device; auto = cuda when the Ray cluster has GPUs")
+    p.add_argument("--iters", type=int, help=f"timed steps per configuration "
+                   f"(default {FULL['iters']})")
+    p.add_argument("--warmup", type=int, help=f"untimed steps first (default {FULL['warmup']})")
+    p.add_argument("--max-seconds", type=float, help="stop timing a configuration after this "
+                   f"long (default {FULL['max_seconds']})")
+    p.add_argument("--repeat", type=int, default=1, help="run the whole plan this many times "
+                   "and pool each configuration's steps (for a machine whose load drifts)")
+    p.add_argument("--max-workers", type=int, default=4,
+                   help="skip layouts with more workers (default 4: a 2-core box)")
+    p.add_argument("--worker-niceness", type=int, help="start the private Ray with this "
+                   "worker niceness (Ray's default is 15); ignored when joining RAY_ADDRESS")
+    p.add_argument("--floor-niceness", type=int, help="niceness of the floor's processes "
+                   "(default: what Ray gives its workers, so priorities match)")
+    p.add_argument("--driver-threads", type=int, help="torch threads of this driver process "
+                   "(default: torch's). Ray turns returned tensors back into torch tensors "
+                   "with an OpenMP copy that stalls on a busy CPU; 1 avoids it")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result path (the plot "
+                   "goes next to it as .png)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the .png")
+    p.add_argument("-v", "--verbose", action="store_true", help="log rayexec's INFO messages")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if (args.iters < 1 or args.warmup < 0 or args.max_seconds <= 0 or args.max_workers < 1
+            or args.repeat < 1 or (args.driver_threads is not None and args.driver_threads < 1)):
+        p.error(f"need --iters >= 1, --warmup >= 0, --max-seconds > 0, --max-workers >= 1, "
+                f"--repeat >= 1, --driver-threads >= 1; got {args.iters}, {args.warmup}, "
+                f"{args.max_seconds}, {args.max_workers}, {args.repeat}, {args.driver_threads}")
+    return args
+
+
+def layouts(args: argparse.Namespace) -> tuple[list[tuple[int, int]], list[str]]:
+    """(pp, tp) cells to run, and why the others are skipped."""
+    cells, skipped = [], []
+    for pp in args.pp:
+        for tp in args.tp:
+            if pp * tp > args.max_workers:
+                skipped.append(f"PP={pp} x TP={tp}: {pp * tp} workers > --max-workers "
+                               f"{args.max_workers}")
+            else:
+                cells.append((pp, tp))
+    return cells, skipped
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": sys.version.split()[0],
+                            "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                                  if line.startswith("model name")), None)
+        meminfo = Path("/proc/meminfo").read_text().split()
+        info["mem_total_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
+    except (OSError, ValueError, StopIteration):
+        pass
+    return info
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("rayexec", "ray", "torch", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        out["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def start_ray(args: argparse.Namespace, cells: list[tuple[int, int]]
+              ) -> tuple[bool, str, int | None]:
+    """Join RAY_ADDRESS or start a private local Ray with seats for the largest layout;
+    (we started it, the workers' device, the niceness Ray gives its workers)."""
+    import ray
+    import ray.cloudpickle
+
+    import benchmarks
+    from rayexec import ExecutorConfig, envs
+    from rayexec.placement import ensure_ray
+
+    # Ship this package's classes (EchoWorker) to Ray workers by value: a worker
+    # started for a run from another directory lacks the repository root on sys.path.
+    ray.cloudpickle.register_pickle_by_value(benchmarks)
+    started = not ray.is_initialized()
+    biggest = max(pp * tp for pp, tp in cells)
+    if started and not envs.ray_address():
+        # address="local": a private cluster, never a test's cluster that happens to
+        # run on this machine. Seats for two layouts, as killed actors free theirs late.
+        system_config = ({} if args.worker_niceness is None
+                         else {"worker_niceness": args.worker_niceness})
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2 * biggest),
+                 include_dashboard=False, logging_level=logging.WARNING,
+                 _system_config=system_config)
+    else:
+        ensure_ray(ExecutorConfig(worker_cls=echo_worker.EchoWorker,
+                                  tensor_parallel_size=biggest,
+                                  device="cpu" if args.device == "cpu" else "auto"))
+    niceness = ray.get(ray.remote(num_cpus=0)(_niceness).remote())
+    device = args.device
+    if device == "auto":
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) >= biggest else "cpu"
+    return started, device, niceness
+
+
+def _niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every configuration; the JSON document."""
+    cells, skipped = layouts(args)
+    for why in skipped:
+        logger.warning("skipping %s", why)
+    if not cells:
+        raise SystemExit(f"no layout fits --max-workers {args.max_workers}: {skipped}")
+    modes = [m for m in MODE_ORDER if m in args.modes]
+    uses_ray = any(m in ("dag", "rpc") for m in modes)
+    started_ray, device, ray_niceness = start_ray(args, cells) if uses_ray else (
+        False, "cuda" if args.device == "cuda" else "cpu", None)
+    floor_niceness = args.floor_niceness
+    if floor_niceness is None:
+        floor_niceness = ray_niceness if ray_niceness is not None else 0
+    settings = Settings(args.iters, args.warmup, args.max_seconds, floor_niceness)
+    import torch
+
+    if args.driver_threads:
+        torch.set_num_threads(args.driver_threads)
+    channels = args.channels or (["nccl", "shm"] if device == "cuda" else ["shm"])
+    doc: dict[str, Any] = {
+        "benchmark": "pp_tp_latency", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(), "versions": versions(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": device, "channels": channels, "skipped": skipped,
+        "ray_worker_niceness": ray_niceness, "floor_niceness": floor_niceness,
+        "driver_torch_threads": torch.get_num_threads(),
+        "results": [], "errors": [],
+    }
+    plan = [(w, pp, tp, m, c) for w in args.workloads for pp, tp in cells for m in modes
+            for c in (channels if m == "dag" else [None])] * args.repeat
+    raw: list[dict[str, Any]] = []
+    try:
+        for i, (name, pp, tp, mode, channel) in enumerate(plan, 1):
+            workload = Workload(name, tuple(args.payloads), device)
+            what = f"{mode} {name} PP={pp} x TP={tp}" + (f" [{channel}]" if channel else "")
+            try:
+                records = run_configuration(mode, workload, pp, tp, channel or channels[0],
+                                            settings)
+            except Exception as e:
+                logger.exception("[%d/%d] %s failed", i, len(plan), what)
+                doc["errors"].append({"mode": mode, "workload": name, "pp": pp, "tp": tp,
+                                      "channel": channel, "error": f"{type(e).__name__}: {e}"})
+                continue
+            for r in records:
+                print(f"[{i}/{len(plan)}] {what} {report.human_bytes(r['payload_bytes'])}: "
+                      f"median {r['median_us']:.0f} us, p90 {r['p90_us']:.0f}, p99 "
+                      f"{r['p99_us']:.0f} ({r['iters']} steps, load {r['load_1m']:.1f})",
+                      file=sys.stderr, flush=True)
+            raw.extend(records)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    doc["machine"]["load_avg_end"] = os.getloadavg()
+    doc["results"] = raw
+    _check_digests(doc)
+    doc["results"] = merge_rounds(raw)
+    doc["comparisons"] = report.compare(doc["results"])
+    doc["targets"] = report.evaluate_targets(doc["comparisons"])
+    return doc
+
+
+def _check_digests(doc: dict[str, Any]) -> None:
+    """Every mode and layout must choose the same next tokens for the decode step."""
+    model = [r for r in doc["results"] if "output_digest" in r]
+    ref = next((r for r in model if r["mode"] == "local"), model[0] if model else None)
+    for r in model:
+        if r["output_digest"] != ref["output_digest"]:
+            msg = (f"{r['mode']} PP={r['pp']} x TP={r['tp']} chose tokens {r['output_digest']} "
+                   f"but {ref['mode']} PP={ref['pp']} x TP={ref['tp']} chose "
+                   f"{ref['output_digest']}")
+            logger.warning(msg)
+            doc["errors"].append({"mode": r["mode"], "workload": "model", "pp": r["pp"],
+                                  "tp": r["tp"], "channel": r["channel"], "error": msg})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pp_tp_latency").setLevel(logging.INFO)
+    doc = run(args)
+    print(report.format_table(doc["comparisons"]))
+    print(report.format_targets(doc["targets"]))
+    m = doc["machine"]
+    print(f"machine: {m.get('cpu_count')} CPUs, load average {m['load_avg_start']} at the start, "
+          f"{m['load_avg_end']} at the end")
+    report.write_json(args.out, doc)
+    plotted = not args.no_plot and report.plot(doc["results"], args.out.with_suffix(".png"))
+    summary = {"results": len(doc["results"]), "errors": len(doc["errors"]),
+               "targets_met": sum(t["met"] is True for t in doc["targets"]),
+               "targets_missed": sum(t["met"] is False for t in doc["targets"]),
+               "json": str(args.out), "plot": str(args.out.with_suffix(".png")) if plotted
+               else None}
+    print("pp_tp_latency " + json.dumps(summary))
+    return 1 if doc["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Turning pp_tp_latency records into comparisons, target verdicts, a text table, the
+JSON result file and (when matplotlib is importable) a plot.
+
+Pure functions over the list of records that runners.run_configuration returns;
+nothing here runs a step. Ratios compare medians of the same (workload, PP, TP,
+payload) cell: `rpc/dag` > 1 means the DAG is that many times faster, `dag/floor`
+how far the DAG is from the no-Ray floor, `overhead` = (dag - local) / dag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+TARGETS = (
+    # name, workload, pp, tp, payload bytes (None: any), metric, op, threshold
+    ("dag >= 5x faster than rpc, echo 4 KiB, PP=2 x TP=2", "echo", 2, 2, 4096,
+     "rpc_over_dag", ">=", 5.0),
+    ("dag >= 5x faster than rpc, echo 1 MiB, PP=2 x TP=2", "echo", 2, 2, 1 << 20,
+     "rpc_over_dag", ">=", 5.0),
+    ("dag within 3x of floor, echo 1 MiB, PP=2 x TP=2", "echo", 2, 2, 1 << 20,
+     "dag_over_floor", "<=", 3.0),
+    ("model overhead (dag - local) < 25% of the step, PP=2 x TP=1", "model", 2, 1, None,
+     "dag_overhead_frac", "<", 0.25),
+)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+def _cell(r: Record) -> tuple[str, int, int, int]:
+    return r["workload"], r["pp"], r["tp"], r["payload_bytes"]
+
+
+def compare(records: Iterable[Record]) -> list[Record]:
+    """One row per cell and DAG channel: every mode's median and the ratios."""
+    cells: dict[tuple, dict[str, Record]] = {}
+    dag_channels: dict[tuple, list[str]] = {}
+    for r in records:
+        key = _cell(r)
+        if r["mode"] == "dag":
+            dag_channels.setdefault(key, []).append(r["channel"])
+            cells.setdefault(key, {})[f"dag:{r['channel']}"] = r
+        else:
+            cells.setdefault(key, {})[r["mode"]] = r
+    rows = []
+    for key, modes in cells.items():
+        for channel in dag_channels.get(key, [None]):
+            dag = modes.get(f"dag:{channel}")
+            row: Record = dict(zip(("workload", "pp", "tp", "payload_bytes"), key))
+            row["channel"] = channel
+            by_mode = {"dag": dag, "rpc": modes.get("rpc"), "floor": modes.get("floor"),
+                       "local": modes.get("local")}
+            for mode, r in by_mode.items():
+                row[f"{mode}_median_us"] = r["median_us"] if r else None
+            row["dag_p99_us"] = dag["p99_us"] if dag else None
+            row["dag_mb_per_s"] = dag.get("mb_per_s") if dag else None
+            med = {m: row[f"{m}_median_us"] for m in by_mode}
+            row["dag_over_rpc"] = _ratio(med["dag"], med["rpc"])
+            row["rpc_over_dag"] = _ratio(med["rpc"], med["dag"])
+            row["dag_over_floor"] = _ratio(med["dag"], med["floor"])
+            for mode in ("dag", "rpc", "floor"):
+                over = None if med[mode] is None or med["local"] is None \
+                    else med[mode] - med["local"]
+                row[f"{mode}_overhead_us"] = over
+                row[f"{mode}_overhead_frac"] = _ratio(over, med[mode])
+            rows.append(row)
+    rows.sort(key=lambda r: (r["workload"], r["pp"] * r["tp"], r["pp"], r["tp"],
+                             r["payload_bytes"], r["channel"] or ""))
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def evaluate_targets(rows: list[Record]) -> list[Record]:
+    """The issue's targets with the measured value; met=None when not measured."""
+    verdicts = []
+    for name, workload, pp, tp, payload, metric, op, threshold in TARGETS:
+        values = [r[metric] for r in rows if r["workload"] == workload and r["pp"] == pp
+                  and r["tp"] == tp and (payload is None or r["payload_bytes"] == payload)
+                  and r[metric] is not None]
+        value = values[0] if values else None
+        met = None if value is None else {">=": value >= threshold, "<=": value <= threshold,
+                                          "<": value < threshold}[op]
+        verdicts.append({"name": name, "metric": metric, "value": value, "op": op,
+                         "threshold": threshold, "met": met})
+    return verdicts
+
+
+def _fmt(value: float | None, spec: str = ".0f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(rows: list[Record]) -> str:
+    """Medians in microseconds, side by side, with the ratios."""
+    head = ("workload", "PPxTP", "payload", "chan", "local", "floor", "rpc", "dag",
+            "dag p99", "dag MB/s", "rpc/dag", "dag/floor", "overhead")
+    lines = [head]
+    for r in rows:
+        lines.append((
+            r["workload"], f"{r['pp']}x{r['tp']}", human_bytes(r["payload_bytes"]),
+            r["channel"] or "-", _fmt(r["local_median_us"]), _fmt(r["floor_median_us"]),
+            _fmt(r["rpc_median_us"]), _fmt(r["dag_median_us"]), _fmt(r["dag_p99_us"]),
+            _fmt(r["dag_mb_per_s"]) if r["workload"] == "echo" else "",
+            _fmt(r["rpc_over_dag"], ".1f", "x"), _fmt(r["dag_over_floor"], ".1f", "x"),
+            _fmt(None if r["dag_overhead_frac"] is None else 100 * r["dag_overhead_frac"],
+                 ".0f", "%"),
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(str(v).rjust(w) if i > 3 else str(v).ljust(w)
+                             for i, (v, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            out.append("-" * len(out[0]))
+    out.append("medians in us; rpc/dag = how many times faster the DAG is; dag/floor = how "
+               "far from the no-Ray floor; overhead = (dag - local) / dag")
+    return "\n".join(out)
+
+
+def format_targets(verdicts: list[Record]) -> str:
+    lines = []
+    for v in verdicts:
+        state = {True: "MET ", False: "MISS", None: "n/a "}[v["met"]]
+        value = "not measured" if v["value"] is None else f"{v['value']:.2f}"
+        lines.append(f"  [{state}] {v['name']}: {v['metric']} = {value} "
+                     f"(target {v['op']} {v['threshold']:g})")
+    return "targets:\n" + "\n".join(lines)
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    tmp.replace(path)  # never leave a half-written result file
+
+
+def plot(records: list[Record], path: Path) -> bool:
+    """Latency vs payload (echo) and vs PP (TP=1) per mode; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed (pip install -e '.[plot]'); no plot")
+        return False
+
+    colors = {"dag": "tab:blue", "rpc": "tab:red", "floor": "tab:orange", "local": "tab:green"}
+    markers = iter("osD^v<>")
+    dag_markers: dict[str, str] = {}
+
+    def label(r: Record) -> str:
+        return f"dag ({r['channel']})" if r["mode"] == "dag" else r["mode"]
+
+    def style(name: str) -> dict[str, str]:
+        mode = name.split(" ")[0]
+        marker = dag_markers.setdefault(name, next(markers, "o")) if mode == "dag" else "o"
+        return {"color": colors.get(mode, "black"), "marker": marker}
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    echo = [r for r in records if r["workload"] == "echo"]
+    layouts = sorted({(r["pp"], r["tp"]) for r in echo}, key=lambda c: (c != (2, 2), -c[0] * c[1]))
+    if layouts:
+        pp, tp = layouts[0]
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in echo:
+            if (r["pp"], r["tp"]) == (pp, tp):
+                series.setdefault(label(r), []).append((r["payload_bytes"], r["median_us"]))
+        for name, points in sorted(series.items()):
+            xs, ys = zip(*sorted(points))
+            left.plot(xs, ys, label=name, **style(name))
+        left.set(xscale="log", yscale="log", xlabel="payload (bytes)", ylabel="median step (us)",
+                 title=f"echo, PP={pp} x TP={tp}")
+        left.legend()
+    tp1 = [r for r in records if r["tp"] == 1]
+    payloads = sorted({r["payload_bytes"] for r in tp1 if r["workload"] == "echo"})
+    mid = payloads[len(payloads) // 2] if payloads else None
+    for workload, line in (("echo", "-"), ("model", "--")):
+        series = {}
+        for r in tp1:
+            if r["workload"] == workload and (workload == "model" or r["payload_bytes"] == mid):
+                series.setdefault(label(r), []).append((r["pp"], r["median_us"]))
+        for name, points in sorted(series.items()):
+            xs, ys = zip(*sorted(points))
+            what = f"echo {human_bytes(mid)}" if workload == "echo" else "model"
+            right.plot(xs, ys, linestyle=line, label=f"{what}: {name}", **style(name))
+    right.set(yscale="log", xlabel="PP (TP=1)", ylabel="median step (us)", title="vs PP",
+              xticks=sorted({r["pp"] for r in tp1}))
+    right.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

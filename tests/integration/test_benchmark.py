@@ -1,0 +1,105 @@
+"""Smoke tests of benchmarks/pp_tp_latency.py: it runs, every requested mode produces
+numbers for every cell, and the JSON has the documented schema. No timing is asserted
+(timings belong to the benchmark's output, not to tests).
+
+One run goes through the script in a subprocess started from another directory (the
+path users take; Ray workers must still find EchoWorker); the other calls `main()`
+in-process through the package import, with the Ray-free modes only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "pp_tp_latency.py"
+RECORD_FIELDS = {
+    "mode": str, "workload": str, "channel": str, "pp": int, "tp": int, "payload_bytes": int,
+    "iters": int, "median_us": float, "p90_us": float, "p99_us": float, "steps_per_s": float,
+}
+FAST = ["--iters", "4", "--warmup", "1", "--max-seconds", "0.5", "--no-plot"]
+
+
+def check_document(doc: dict, modes: list[str], workloads: list[str], cells: list[tuple],
+                   payloads: list[int]) -> None:
+    for key in ("machine", "versions", "args", "results", "comparisons", "targets", "errors"):
+        assert key in doc, f"missing top-level key {key!r}"
+    assert doc["errors"] == [], doc["errors"]
+    assert doc["versions"]["torch"] and doc["machine"]["cpu_count"] >= 1
+    for r in doc["results"]:
+        for field, kind in RECORD_FIELDS.items():
+            value = r[field]
+            assert isinstance(value, kind) or (kind is float and isinstance(value, int)), \
+                f"{field}={value!r} in {r}"
+        assert 0 < r["median_us"] <= r["p99_us"] and r["iters"] >= 1, r
+        assert r["p90_us"] <= r["p99_us"], r
+        if r["workload"] == "echo":
+            assert r["mb_per_s"] > 0, r
+    got = {(r["mode"], r["workload"], r["pp"], r["tp"], r["payload_bytes"])
+           for r in doc["results"]}
+    for mode in modes:
+        for workload in workloads:
+            for pp, tp in cells:
+                sizes = payloads if workload == "echo" else [8 * 256 * 4]  # hidden states
+                for size in sizes:
+                    assert (mode, workload, pp, tp, size) in got, \
+                        f"no numbers for {mode} {workload} PP={pp} TP={tp} {size} B"
+    for row in doc["comparisons"]:
+        for mode in modes:
+            assert row[f"{mode}_median_us"] is not None, row
+
+
+def test_script_quick_run_all_modes(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--pp", "2", "--tp", "1", "--payloads", "4k",
+         *FAST, "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("pp_tp_latency {"), last
+    summary = json.loads(last.split(" ", 1)[1])
+    assert summary["errors"] == 0 and summary["results"] > 0
+    doc = json.loads(out.read_text())
+    check_document(doc, ["dag", "rpc", "floor", "local"], ["echo", "model"], [(2, 1)], [4096])
+    assert doc["ray_worker_niceness"] is not None
+    targets = {t["name"]: t for t in doc["targets"]}
+    model_target = next(t for name, t in targets.items() if name.startswith("model overhead"))
+    assert model_target["value"] is not None  # measured: PP=2 x TP=1 was in the grid
+
+
+def test_main_in_process_floor_and_local(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from benchmarks import pp_tp_latency
+
+    out = tmp_path / "floor.json"
+    code = pp_tp_latency.main(["--pp", "1,2", "--tp", "2", "--payloads", "4k,64k", "--modes",
+                               "floor,local", *FAST, "--out", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    check_document(doc, ["floor", "local"], ["echo", "model"], [(1, 2), (2, 2)], [4096, 65536])
+    model = [r for r in doc["results"] if r["workload"] == "model"]
+    assert len({tuple(r["output_digest"]) for r in model}) == 1  # same tokens everywhere
+
+
+def test_payload_sizes_and_bad_flags() -> None:
+    from benchmarks import pp_tp_latency
+
+    assert [pp_tp_latency.parse_size(s) for s in ("4k", "1m", "16MiB", "100")] == \
+        [4096, 1 << 20, 16 << 20, 100]
+    with pytest.raises(SystemExit):
+        pp_tp_latency.parse_args(["--payloads", "lots"])
+    with pytest.raises(SystemExit):
+        pp_tp_latency.parse_args(["--modes", "dag,fast"])
+    args = pp_tp_latency.parse_args(["--quick", "--pp", "4", "--tp", "1,2"])
+    cells, skipped = pp_tp_latency.layouts(args)
+    assert cells == [(4, 1)] and "8 workers" in skipped[0]
