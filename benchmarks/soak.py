@@ -8,7 +8,10 @@ default) through the compiled DAG, sampling the driver's and every worker's RSS
 every `--sample-every` steps; growth is the least-squares slope in MB per 1,000
 steps after the first sample. Part 2 creates and shuts down `--cycles` executors
 (a few steps each) and counts what is left: worker actors and placement groups in
-Ray's GCS tables, driver threads, driver RSS. Prints a summary, writes JSON.
+Ray's GCS tables, driver threads, the driver's heap and shared memory, and the object
+store. (Ray 2.60 keeps about 20 MB of each compiled graph's channel buffers in the
+object store after teardown, even with plain Ray and no rayexec; the shared part
+of the driver's RSS grows with it. The heap should stay flat.) Prints a summary, writes JSON.
 Not a test: it asserts nothing; tests/integration/test_soak.py runs a short one.
 """
 
@@ -32,12 +35,23 @@ from rayexec.models import StepBatch, decoder_executor_config, make_decode_batch
 logger = logging.getLogger("soak")
 
 
-def rss_mb() -> float:
-    """This process's resident set size in MB (Linux /proc)."""
+def rss_mb(kind: str = "VmRSS") -> float:
+    """This process's resident memory in MB (Linux /proc): VmRSS (all), RssAnon
+    (private heap) or RssShmem (shared memory mapped, e.g. Ray's object store)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{kind}:"):
                 return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def object_store_mb() -> float:
+    """MB in use in the object store of the connected cluster."""
+    from ray._private.internal_api import memory_summary
+
+    for line in memory_summary(stats_only=True).splitlines():
+        if "Plasma memory usage" in line:
+            return float(line.split("usage")[1].split("MiB")[0])
     return float("nan")
 
 
@@ -96,14 +110,18 @@ def soak_steps(args: argparse.Namespace) -> dict:
 def soak_cycles(args: argparse.Namespace) -> dict:
     before = live_counts()
     threads_before = threading.active_count()
-    rss = []
+    rss, anon, shmem, store = [], [], [], []
     for cycle in range(args.cycles):
         with RayDistributedExecutor(config(args)) as ex:
             batch = make_decode_batch(ex, num_requests=2, context_len=8)
             for _ in range(3):
                 ex.execute_model(batch)
         rss.append(rss_mb())
-        print(f"soak cycles: {cycle + 1}/{args.cycles}  driver {rss[-1]:.1f} MB  "
+        anon.append(rss_mb("RssAnon"))
+        shmem.append(rss_mb("RssShmem"))
+        store.append(object_store_mb())
+        print(f"soak cycles: {cycle + 1}/{args.cycles}  driver {rss[-1]:.1f} MB (heap "
+              f"{anon[-1]:.1f}, shared {shmem[-1]:.1f})  object store {store[-1]:.0f} MB  "
               f"threads {threading.active_count()}", file=sys.stderr, flush=True)
     time.sleep(1.0)  # let Ray's tables catch up with the last kills and removals
     after = live_counts()
@@ -112,9 +130,16 @@ def soak_cycles(args: argparse.Namespace) -> dict:
         "leaked_actors": after["actors"] - before["actors"],
         "leaked_placement_groups": after["placement_groups"] - before["placement_groups"],
         "leaked_threads": threading.active_count() - threads_before,
-        "driver_mb_per_cycle": slope_per_1000(list(range(len(rss))), rss) / 1000,
+        "driver_mb_per_cycle": per_cycle(rss),
+        "driver_heap_mb_per_cycle": per_cycle(anon),
+        "driver_shared_mb_per_cycle": per_cycle(shmem),
+        "object_store_mb_per_cycle": per_cycle(store),
         "driver_mb": rss,
     }
+
+
+def per_cycle(values: list[float]) -> float:
+    return slope_per_1000(list(range(len(values))), values) / 1000
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -149,8 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"RSS growth per 1,000 steps: driver {s['driver_mb_per_1000_steps']:+.2f} MB, "
           f"workers {', '.join(f'{g:+.2f}' for g in s['workers_mb_per_1000_steps'])} MB")
     print(f"{c['cycles']} create/shutdown cycles: leaked actors {c['leaked_actors']}, "
-          f"placement groups {c['leaked_placement_groups']}, threads {c['leaked_threads']}; "
-          f"driver RSS {c['driver_mb_per_cycle']:+.2f} MB per cycle")
+          f"placement groups {c['leaked_placement_groups']}, threads {c['leaked_threads']}")
+    print(f"per cycle: driver RSS {c['driver_mb_per_cycle']:+.2f} MB (heap "
+          f"{c['driver_heap_mb_per_cycle']:+.2f}, shared {c['driver_shared_mb_per_cycle']:+.2f}), "
+          f"object store {c['object_store_mb_per_cycle']:+.2f} MB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
