@@ -73,12 +73,7 @@ def ensure_ray(config: ExecutorConfig) -> str:
         return f"joined {address}"
     num_cpus = embedded_cpus(config, os.cpu_count() or 1)
     try:
-        # Ray starts workers at nice 15 and leaves the driver at 0. Compiled-graph
-        # readers poll (sched_yield) while they wait, so on a CPU host the driver and
-        # any other nice-0 process take the cores from the workers it waits for.
-        # The workers are the work: give them the driver's priority.
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 _system_config={"worker_niceness": 0})
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     except ValueError as e:
         # ray.init found a running local cluster (started with `ray start`) and
         # refuses num_cpus: join that one rather than starting a second cluster.

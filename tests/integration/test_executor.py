@@ -65,6 +65,8 @@ def test_worker_environment(ex):
     threads = ex.collective_rpc(lambda w: __import__("torch").get_num_threads())
     assert threads == [p.cpu_threads for p in ex.layout]
     assert [e["OMP_NUM_THREADS"] for e in envs] == [str(p.cpu_threads) for p in ex.layout]
+    # Workers run at the driver's priority, not Ray's default niceness of 15.
+    assert ex.collective_rpc(lambda w: __import__("os").nice(0)) == [0] * 4
 
 
 def test_collective_rpc_by_name_callable_and_ranks(ex):
