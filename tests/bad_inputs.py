@@ -90,7 +90,7 @@ def _nccl_without_cupy(ctx: Context) -> None:
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = None  # type: ignore[assignment]  # import cupy -> ImportError
     try:
-        RayDistributedExecutor(config(device="cuda", channel="nccl"))
+        RayDistributedExecutor(config(device="cuda", channel="nccl", num_devices_per_worker=1))
     finally:
         if saved is None:
             sys.modules.pop("cupy", None)
