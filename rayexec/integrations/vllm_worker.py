@@ -1,0 +1,164 @@
+"""VllmWorker: vLLM's own worker, hosted in a rayexec worker actor.
+
+rayexec builds one `VllmWorker` per rank with its rank keyword arguments (rank,
+local_rank, world_size, pp_rank, tp_rank, distributed_init_method) plus the
+`vllm_config`, then calls `init_device()` and `load_model()`. Inside, vLLM's
+`WorkerWrapperBase` builds the platform's worker class (CPUWorker, GPU Worker, ...)
+exactly as vLLM's multiprocessing backend does. Every other method the engine
+names through `collective_rpc` (`determine_available_memory`,
+`initialize_from_config`, ...) is forwarded to that wrapper.
+
+`execute_model(batch, intermediate)` is the step rayexec binds into its compiled
+PP x TP DAG: `batch` is `(scheduler_output, grammar_output)` pickled once by the
+executor (every stage then forwards the same bytes; Ray's channels move bytes
+cheaper than Python objects); stages before the last return vLLM's
+`IntermediateTensors`, which rayexec carries to the next stage over the DAG's
+tensor transport, and the last stage samples and returns the `ModelRunnerOutput`,
+pickled. This replaces vLLM's torch.distributed send/recv between stages;
+tensor-parallel collectives stay vLLM's own. (Unlike vLLM's Ray backend, later
+stages receive the multimodal features too: the batch is not re-serialized.)
+
+Imports vLLM at import time: only worker processes and the executor module import
+this file. It does not place, order or start anything (rayexec does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+from typing import Any
+
+import torch
+from vllm.config import VllmConfig
+from vllm.sequence import IntermediateTensors
+from vllm.v1.outputs import AsyncModelRunnerOutput
+from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+from rayexec.integrations.vllm import OMP_BIND_VAR, format_cpu_ids
+
+logger = logging.getLogger(__name__)
+
+
+class VllmWorker:
+    """One rank of a vLLM engine inside a rayexec actor (see the module docstring)."""
+
+    def __init__(
+        self,
+        rank: int,
+        local_rank: int,
+        world_size: int,
+        pp_rank: int,
+        tp_rank: int,
+        distributed_init_method: str,
+        vllm_config: VllmConfig,
+        cpu_bind: bool = True,
+    ) -> None:
+        self.rank = rank
+        self.tp_rank = tp_rank
+        self.is_first_stage = pp_rank == 0
+        self.is_last_stage = pp_rank == vllm_config.parallel_config.pipeline_parallel_size - 1
+        self._step_threads: set[int] = set()
+        self._cpu_threads = torch.get_num_threads()  # as rayexec set them for this worker
+        if vllm_config.device_config.device_type == "cpu" and cpu_bind:
+            self._publish_cpu_binding()
+        self.wrapper = WorkerWrapperBase(rpc_rank=rank, global_rank=rank)
+        # init_worker takes one kwargs dict per rank and picks its own by rpc_rank.
+        all_kwargs: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        all_kwargs[rank] = {
+            "vllm_config": vllm_config,
+            "local_rank": local_rank,
+            "rank": rank,
+            "distributed_init_method": distributed_init_method,
+            # vLLM's convention: the first worker of each TP group drives its group.
+            "is_driver_worker": tp_rank == 0,
+        }
+        self.wrapper.init_worker(all_kwargs)
+
+    def _publish_cpu_binding(self) -> None:
+        # rayexec pinned this process to its cores before building us. vLLM's
+        # multiprocessing backend turns VLLM_CPU_OMP_THREADS_BIND into OpenMP
+        # placement at spawn; here the pinning is already done, so the variable
+        # only tells vLLM code in this process which cores are ours.
+        cores = format_cpu_ids(sorted(os.sched_getaffinity(0)))
+        if os.environ.get(OMP_BIND_VAR) != cores:
+            logger.debug("rank %d: setting %s=%s (from the process affinity)",
+                         self.rank, OMP_BIND_VAR, cores)
+            os.environ[OMP_BIND_VAR] = cores
+
+    # ---- phases rayexec calls in order -----------------------------------------------
+    def init_device(self) -> None:
+        self.wrapper.init_device()
+
+    def load_model(self) -> None:
+        from vllm import envs
+        from vllm.platforms import current_platform
+
+        self.wrapper.load_model()
+        runner = self.wrapper.worker.model_runner
+        if not self.is_first_stage and getattr(runner, "intermediate_tensors", False) is None:
+            # A later stage's receive buffers are allocated by vLLM's warm-up run,
+            # which vLLM 0.32's CPU worker skips in eager mode (its own PP then
+            # fails with an AssertionError). Allocate them as that run would.
+            runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+                batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype,
+                device=runner.device)
+        # As vLLM's multiprocessing worker does after loading: the attention
+        # backend may change the block size, and environment lookups are cached
+        # from here on (they are on the per-step path).
+        current_platform.update_block_size_for_backend(self.wrapper.vllm_config)
+        envs.enable_envs_cache()
+
+    # ---- the forward step (bound into rayexec's compiled DAG) ----------------------
+    def execute_model(self, batch: bytes, intermediate: Any = None) -> Any:
+        """One step. `batch` is the pickled (scheduler_output, grammar_output).
+
+        Returns vLLM's IntermediateTensors for the next stage, or on the last stage
+        the pickled ModelRunnerOutput from TP rank 0 (None from the other TP ranks,
+        and from earlier stages when nothing was scheduled)."""
+        scheduler_output, grammar_output = pickle.loads(batch)
+        worker = self.wrapper.worker
+        if threading.get_ident() not in self._step_threads:
+            self._prepare_step_thread(worker)
+        runner = worker.model_runner
+        output = runner.execute_model(scheduler_output, intermediate)
+        if isinstance(output, IntermediateTensors):
+            return output
+        if isinstance(output, AsyncModelRunnerOutput):
+            output = output.get_output()
+        if not self.is_last_stage:
+            return None  # nothing was scheduled; the next stage still sees the batch
+        if output is None:
+            output = runner.sample_tokens(grammar_output)
+            if isinstance(output, AsyncModelRunnerOutput):
+                output = output.get_output()
+        if self.tp_rank != 0:
+            return None  # every TP rank samples (to keep its state); rank 0 reports
+        # Pickled here, unpickled by the executor: the driver then owns every
+        # buffer (Ray's channel would hand it zero-copy numpy views into shared
+        # memory that block the channel while the engine holds them).
+        return pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _prepare_step_thread(self, worker: Any) -> None:
+        """Once per thread that runs steps (the DAG runs them on a thread of its own)."""
+        if worker.device is not None and worker.device.type != "cpu":
+            from vllm.platforms import current_platform
+
+            current_platform.set_device(worker.device)  # the thread's current device
+        else:
+            # OpenMP's thread count is per thread: a thread Ray starts keeps the
+            # process default, while torch keeps the count rayexec set. vLLM's CPU
+            # attention checks that the two agree, so set it here too. (Through
+            # torch._C because vLLM's CPU worker turns torch.set_num_threads into a
+            # no-op once it has bound its threads.)
+            torch._C.set_num_threads(self._cpu_threads)
+        self._step_threads.add(threading.get_ident())
+
+    # ---- everything else the engine names ------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names this class lacks: vLLM's wrapper methods
+        # (initialize_from_config, ...) and, through it, the vLLM worker's.
+        if name == "wrapper":  # not built yet (a failure in __init__)
+            raise AttributeError(name)
+        return getattr(self.wrapper, name)

@@ -1,0 +1,160 @@
+"""Run one vLLM engine in this process and write what it generated as JSON.
+
+    python tests/vllm/run_engine.py --model DIR --backend rayexec --tp 2 --pp 1 --out out.json
+
+The tests start this script in a subprocess per engine: vLLM spawns processes on
+CPU, so engines must never live in the pytest process, and each run must start
+from a clean process. `--backend rayexec` passes the class object
+`rayexec.integrations.vllm.RayexecExecutor`; any other value is vLLM's own name.
+
+It also records the worker processes' family (workers, their parent, the parent's
+other children: Ray's raylet and agents, or vLLM's engine process) and, after
+shutdown, which of them are still running (`leftover_pids`).
+
+`--kill-rank R` checks failure handling instead of generation: after one normal
+generate, it kills worker R's process with SIGKILL while no request runs, records
+whether (and after how long) the engine declared itself dead without being asked,
+and what the next generate raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+
+# Greedy decoding from fixed token-id prompts: the same on every backend.
+PROMPT_LEN = 12
+
+
+def prompts(count: int) -> list[list[int]]:
+    return [[(37 * i + 11 * j) % 4000 + 5 for j in range(PROMPT_LEN)] for i in range(count)]
+
+
+def worker_pid(worker) -> int:
+    return os.getpid()
+
+
+def worker_process_family(worker) -> list[int]:
+    """This worker's pid, its parent's (Ray's raylet, or vLLM's engine process)
+    and the parent's other children (Ray's agents, the other workers)."""
+    import psutil
+
+    parent = psutil.Process(os.getppid())
+    return sorted({os.getpid(), parent.pid, *(c.pid for c in parent.children())})
+
+
+def alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [p for p in pids if running(p)]
+
+
+def describe(pid: int) -> str:
+    import psutil
+
+    try:
+        return f"{pid} {' '.join(psutil.Process(pid).cmdline())[:200]}"
+    except psutil.NoSuchProcess:
+        return f"{pid} (gone)"
+
+
+def make_llm(args):
+    from vllm import LLM
+
+    backend = args.backend
+    if backend == "rayexec":
+        from rayexec.integrations.vllm import RayexecExecutor
+
+        backend = RayexecExecutor
+    if args.mode == "eager":
+        compile_args = {"enforce_eager": True}
+    else:
+        # One Dynamo trace, run eagerly: no Inductor build, but the start-up
+        # warm-up run happens (with enforce_eager, vLLM 0.32's CPU workers skip it
+        # and later PP stages then lack their intermediate-tensor buffers).
+        compile_args = {"enforce_eager": False,
+                        "compilation_config": {"mode": 2, "backend": "eager"}}
+    return LLM(
+        model=args.model, skip_tokenizer_init=True, seed=0, **compile_args,
+        tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
+        distributed_executor_backend=backend, max_model_len=128, max_num_seqs=8,
+        max_num_batched_tokens=256, kv_cache_memory_bytes=32 << 20,
+    )
+
+
+def generate(llm, count: int, max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(count)], params,
+                           use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def kill_and_watch(llm, rank: int, count: int, max_tokens: int, wait_s: float) -> dict:
+    pids = llm.collective_rpc(worker_pid)
+    resources = llm.llm_engine.engine_core.resources
+    os.kill(pids[rank], signal.SIGKILL)
+    killed_at = time.monotonic()
+    while not resources.engine_dead and time.monotonic() - killed_at < wait_s:
+        time.sleep(0.1)
+    report = {"worker_pids": pids, "killed_pid": pids[rank],
+              "engine_dead_unprompted": bool(resources.engine_dead),
+              "seconds_to_engine_dead": round(time.monotonic() - killed_at, 2)}
+    try:
+        generate(llm, count, max_tokens)
+        report["generate_error"] = None
+    except Exception as e:
+        report["generate_error"] = f"{type(e).__name__}: {e}"
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--backend", default="rayexec")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--mode", choices=["eager", "dynamo"], default="eager")
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--kill-rank", type=int, default=None)
+    parser.add_argument("--wait-s", type=float, default=60.0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    # The collective_rpc calls below send functions to the engine process, which
+    # vLLM allows only with pickle-based serialization (a test-only need).
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+
+    result: dict = {"backend": args.backend, "tp": args.tp, "pp": args.pp}
+    start = time.monotonic()
+    llm = make_llm(args)
+    result["start_s"] = round(time.monotonic() - start, 2)
+    result["token_ids"] = generate(llm, args.prompts, args.max_tokens)
+    family = sorted({p for ps in llm.collective_rpc(worker_process_family) for p in ps})
+    if args.kill_rank is not None:
+        result["kill"] = kill_and_watch(llm, args.kill_rank, args.prompts, args.max_tokens,
+                                        args.wait_s)
+    # Explicit, so that workers (and a Ray this engine started) are gone before exit.
+    llm.llm_engine.engine_core.shutdown()
+    deadline = time.monotonic() + 30
+    while alive(family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    result["leftover_pids"] = alive(family)
+    result["leftover"] = [describe(p) for p in result["leftover_pids"]]
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

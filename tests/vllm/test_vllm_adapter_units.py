@@ -1,0 +1,142 @@
+"""The vLLM adapter's small parts, without starting an engine.
+
+The helpers in `rayexec.integrations.vllm` need no vLLM; the executor module's
+config mapping and future wrappers need vLLM installed (marked `vllm`).
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+import pytest
+
+from rayexec.errors import ExecutorTimeoutError, WorkerDiedError
+
+
+# ---- no vLLM needed --------------------------------------------------------------------
+@pytest.mark.parametrize(("cores", "text"), [
+    ([0], "0"), ([1, 0], "0-1"), ([0, 1, 2, 3, 8], "0-3,8"), ([3, 5, 6, 7, 10, 11], "3,5-7,10-11"),
+])
+def test_cpu_ids_are_written_the_way_vllm_reads_them(cores, text):
+    from rayexec.integrations.vllm import format_cpu_ids
+
+    assert format_cpu_ids(cores) == text
+
+
+def test_env_prefixes_are_added_once_after_rayexecs_own():
+    from rayexec.integrations.vllm import VLLM_ENV_PREFIXES, merge_prefixes
+
+    merged = merge_prefixes(("NCCL_", "VLLM_"), VLLM_ENV_PREFIXES)
+    assert merged[:2] == ("NCCL_", "VLLM_")
+    assert sorted(merged) == sorted({"NCCL_", *VLLM_ENV_PREFIXES})
+
+
+def test_the_facade_names_what_it_lacks_and_how_to_install_vllm(monkeypatch):
+    import rayexec.integrations.vllm as facade
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        facade.Nope  # noqa: B018
+
+    def no_vllm(name):
+        raise ImportError("No module named 'vllm'", name="vllm")
+
+    monkeypatch.setattr(facade, "importlib", SimpleNamespace(import_module=no_vllm))
+    with pytest.raises(ImportError, match=r"RayexecExecutor needs vLLM.*pip install"):
+        facade.RayexecExecutor  # noqa: B018
+
+
+# ---- with vLLM -------------------------------------------------------------------------
+def fake_vllm_config(tp=2, pp=2, dp=1, world_size=None, kv_transfer=None):
+    parallel = SimpleNamespace(
+        tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+        world_size=world_size or tp * pp, placement_group=None)
+    return SimpleNamespace(parallel_config=parallel, kv_transfer_config=kv_transfer,
+                           ec_transfer_config=None)
+
+
+@pytest.mark.vllm
+def test_config_follows_vllms_layout_and_copies_its_variables(monkeypatch):
+    from rayexec.integrations.vllm import RayexecExecutor, VllmWorker
+    from rayexec.integrations.vllm_executor import build_config
+
+    assert RayexecExecutor.supports_pp and not RayexecExecutor.uses_ray
+    assert RayexecExecutor.supports_async_scheduling()  # steps run in submission order
+    monkeypatch.setenv("RAYEXEC_CHANNEL", "shm")
+    monkeypatch.setenv("RAYEXEC_PIPELINE_PARALLEL_SIZE", "7")  # vLLM's layout wins
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    vllm_config = fake_vllm_config(tp=2, pp=2)
+    config = build_config(vllm_config)
+
+    assert (config.pipeline_parallel_size, config.tensor_parallel_size) == (2, 2)
+    assert config.worker_cls is VllmWorker and config.device == "cpu"
+    assert config.channel == "shm"  # RAYEXEC_* still sets the rest
+    assert config.worker_kwargs == {"vllm_config": vllm_config, "cpu_bind": True}
+    assert "VLLM_" in config.env_prefixes_to_copy and "NCCL_" in config.env_prefixes_to_copy
+
+
+@pytest.mark.vllm
+def test_vllms_nobind_turns_cpu_pinning_off(monkeypatch):
+    from rayexec.integrations.vllm_executor import build_config
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    config = build_config(fake_vllm_config())
+    assert config.cpu_bind is False and config.worker_kwargs["cpu_bind"] is False
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"dp": 2}, "data_parallel_size=2"),
+    ({"world_size": 8}, "world_size=8"),
+    ({"kv_transfer": object()}, "KV/EC transfer connector"),
+])
+def test_layouts_beyond_pp_x_tp_are_refused_with_the_reason(kwargs, named):
+    from rayexec.integrations.vllm_executor import check_supported
+
+    with pytest.raises(NotImplementedError, match="distributed_executor_backend='mp'") as info:
+        check_supported(fake_vllm_config(**kwargs))
+    assert named in str(info.value)
+
+
+@pytest.mark.vllm
+def test_rpc_timeouts_surface_as_timeout_error_and_other_errors_unchanged():
+    from rayexec.integrations.vllm_executor import _RpcResult
+
+    inner: Future = Future()
+    outer = _RpcResult(inner)
+    inner.set_exception(ExecutorTimeoutError("collective_rpc('x')", [1], 2.0, "timeout"))
+    with pytest.raises(TimeoutError, match=r"rank\(s\) \[1\]"):
+        outer.result()
+
+    inner, died = Future(), WorkerDiedError([0], ["10.0.0.1"])
+    outer = _RpcResult(inner)
+    inner.set_exception(died)
+    assert outer.exception() is died
+
+
+@pytest.mark.vllm
+def test_step_results_are_unpickled_once_and_errors_kept():
+    from rayexec.integrations.vllm_executor import _StepResult
+
+    step: Future = Future()
+    step.set_result(pickle.dumps({"sampled": [[7]]}))
+    result = _StepResult(step)
+    assert result.result() == {"sampled": [[7]]}
+    assert result.result() is result.result()  # settled once, not unpickled again
+
+    failed: Future = Future()
+    failed.set_exception(WorkerDiedError([1], ["10.0.0.2"]))
+    with pytest.raises(WorkerDiedError, match="rank 1"):
+        _StepResult(failed).result()
+
+
+@pytest.mark.vllm
+def test_the_serve_launcher_finds_vllms_server_pieces():
+    # --help exits after every vLLM import the launcher needs and the parser build.
+    proc = subprocess.run([sys.executable, "-m", "rayexec.integrations.vllm_serve", "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--pipeline-parallel-size" in proc.stdout
