@@ -164,6 +164,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def layout_name(tp: int, pp: int) -> str:
+    return next(name for name, shape in LAYOUTS.items() if shape == (tp, pp))
+
+
 def run_layout(args: argparse.Namespace, model: Path, tp: int, pp: int) -> dict[str, Any]:
     """Every backend, `rounds` times, alternating the order (A B, B A, ...) so that
     a change in the machine's load hits the backends alike. A backend that fails
@@ -174,7 +178,15 @@ def run_layout(args: argparse.Namespace, model: Path, tp: int, pp: int) -> dict[
         for backend in order:
             if runs[backend] and all(r["status"] != "ok" for r in runs[backend]):
                 continue
-            runs[backend].append(run_engine(args, model, backend, tp, pp))
+            print(f"[{layout_name(tp, pp)} round {round_index + 1}/{args.rounds}] {backend}: "
+                  "starting an engine ...", flush=True)
+            run = run_engine(args, model, backend, tp, pp)
+            runs[backend].append(run)
+            if run["status"] == "ok":
+                print(f"  {statistics.median(run['tokens_per_s']):.0f} tok/s, start "
+                      f"{run['start_s']:.1f} s", flush=True)
+            else:
+                print(f"  {run['status']}: {run['error'][:120]}", flush=True)
     return {b: summarize(r) for b, r in runs.items()}
 
 
