@@ -14,10 +14,11 @@ table, the issue's targets as MET / MISS, writes results/pp_tp_latency.json (and
 .png when matplotlib is importable) and ends with one machine-readable line.
 
 Ray: a private local cluster (never another program's running on the same machine)
-unless RAY_ADDRESS names one. Its workers run at Ray's niceness (15) unless
---worker-niceness says otherwise, and the floor's processes at the same niceness, so
-priorities match. On a machine shared with other work, --repeat N runs the plan N
-times and pools the steps, so that load drifting over time weighs on every mode.
+unless RAY_ADDRESS names one. rayexec's workers run at niceness 0 (it sets
+RAY_worker_niceness in their runtime env; Ray's default is 15), and the floor's
+processes at the niceness measured in such a worker, so priorities match. On a
+machine shared with other work, --repeat N runs the plan N times and pools the
+steps, so that load drifting over time weighs on every mode.
 
 Not here: the modes themselves (runners.py, floor.py) or the formatting (report.py).
 """
@@ -115,8 +116,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "and pool each configuration's steps (for a machine whose load drifts)")
     p.add_argument("--max-workers", type=int, default=4,
                    help="skip layouts with more workers (default 4: a 2-core box)")
-    p.add_argument("--worker-niceness", type=int, help="start the private Ray with this "
-                   "worker niceness (Ray's default is 15); ignored when joining RAY_ADDRESS")
     p.add_argument("--floor-niceness", type=int, help="niceness of the floor's processes "
                    "(default: what Ray gives its workers, so priorities match)")
     p.add_argument("--driver-threads", type=int, help="torch threads of this driver process "
@@ -185,7 +184,7 @@ def versions() -> dict[str, str | None]:
 def start_ray(args: argparse.Namespace, cells: list[tuple[int, int]]
               ) -> tuple[bool, str, int | None]:
     """Join RAY_ADDRESS or start a private local Ray with seats for the largest layout;
-    (we started it, the workers' device, the niceness Ray gives its workers)."""
+    (we started it, the workers' device, the niceness rayexec's workers get)."""
     import ray
     import ray.cloudpickle
 
@@ -201,16 +200,15 @@ def start_ray(args: argparse.Namespace, cells: list[tuple[int, int]]
     if started and not envs.ray_address():
         # address="local": a private cluster, never a test's cluster that happens to
         # run on this machine. Seats for two layouts, as killed actors free theirs late.
-        system_config = ({} if args.worker_niceness is None
-                         else {"worker_niceness": args.worker_niceness})
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2 * biggest),
-                 include_dashboard=False, logging_level=logging.WARNING,
-                 _system_config=system_config)
+                 include_dashboard=False, logging_level=logging.WARNING)
     else:
         ensure_ray(ExecutorConfig(worker_cls=echo_worker.EchoWorker,
                                   tensor_parallel_size=biggest,
                                   device="cpu" if args.device == "cpu" else "auto"))
-    niceness = ray.get(ray.remote(num_cpus=0)(_niceness).remote())
+    # Measured in a process started the way rayexec starts its workers.
+    like_rayexec = {"env_vars": {"RAY_worker_niceness": "0"}}
+    niceness = ray.get(ray.remote(num_cpus=0, runtime_env=like_rayexec)(_niceness).remote())
     device = args.device
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) >= biggest else "cpu"
