@@ -6,8 +6,8 @@ and shared memory, without Ray: the limit a transport written in Python could re
 
 One process per rank hosts the engine's worker class with rayexec's worker contract
 (rank kwargs, `init_device`, `load_model`, `execute_model(batch, intermediate)`),
-pinned to cores the way rayexec pins CPU workers and optionally run at the niceness
-Ray gives its workers (15 by default), so that priorities match the Ray modes'. Every edge is one
+pinned to cores the way rayexec pins CPU workers and run at the niceness rayexec's
+workers get (0), so that priorities match the Ray modes'. Every edge is one
 shared-memory slot with one writer; a message is the batch's pickled bytes (the
 driver pickles it once, every stage forwards the bytes unchanged), a small pickle
 of the value in which every torch tensor is replaced by an index, and the tensors'
