@@ -46,7 +46,7 @@ CHILD_TIMEOUT_S = 900
 
 # ---- the model -------------------------------------------------------------------------
 def build_tiny_llama(path: Path) -> None:
-    """A random-weight 4-layer Llama (no hub access), as the vLLM tests use."""
+    """A random-weight 4-layer Llama (no hub access); the vLLM tests use it too."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -115,11 +115,15 @@ def child_env(backend: str, world_size: int) -> dict[str, str]:
     if backend == "rayexec-rpc":  # steps as plain Ray actor calls instead of the DAG
         env["RAYEXEC_FORWARD"] = "rpc"
     if backend == "mp" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        # vLLM's mp backend needs one core list per local worker with TP or PP > 1.
-        cores = sorted(os.sched_getaffinity(0))
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            str(cores[i % len(cores)]) for i in range(world_size))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = mp_thread_bind(world_size)
     return env
+
+
+def mp_thread_bind(world_size: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for vLLM's mp backend, which needs one core list per
+    local worker with TP or PP > 1: round-robin over this process's cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    return "|".join(str(cores[i % len(cores)]) for i in range(world_size))
 
 
 def run_engine(args: argparse.Namespace, model: Path, backend: str, tp: int,

@@ -203,10 +203,7 @@ class RayDistributedExecutor:
     ) -> list[Any] | Future:
         """Call `method` (a worker method name, or a callable taking the worker first)
         on every rank (or `ranks`); results in rank order."""
-        self._serving.wait()  # an automatic restart in progress
-        self._check_open()
-        with self._restart_lock:  # a manual restart in progress
-            pass
+        self._wait_until_serving()
         if isinstance(method, str):
             self._check_method(method)
         elif not callable(method):
@@ -444,11 +441,15 @@ class RayDistributedExecutor:
                 "this RayDistributedExecutor was shut down; create a new one to run more work"
             )
 
-    def _check_usable(self) -> None:
-        self._serving.wait()  # an automatic restart in progress
+    def _wait_until_serving(self) -> None:
+        """Wait out a restart in progress, then raise if the executor is closed."""
+        self._serving.wait()  # an automatic restart
         self._check_open()
-        with self._restart_lock:  # a manual restart in progress
+        with self._restart_lock:  # a manual restart
             pass
+
+    def _check_usable(self) -> None:
+        self._wait_until_serving()
         with self._state_lock:
             dead = dict(self._dead)
         if dead:

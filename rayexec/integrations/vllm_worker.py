@@ -82,10 +82,8 @@ class VllmWorker:
         # placement at spawn; here the pinning is already done, so the variable
         # only tells vLLM code in this process which cores are ours.
         cores = format_cpu_ids(sorted(os.sched_getaffinity(0)))
-        if os.environ.get(OMP_BIND_VAR) != cores:
-            logger.debug("rank %d: setting %s=%s (from the process affinity)",
-                         self.rank, OMP_BIND_VAR, cores)
-            os.environ[OMP_BIND_VAR] = cores
+        logger.debug("rank %d: %s=%s (the process affinity)", self.rank, OMP_BIND_VAR, cores)
+        os.environ[OMP_BIND_VAR] = cores
 
     # ---- phases rayexec calls in order -----------------------------------------------
     def init_device(self) -> None:

@@ -23,14 +23,18 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.vllm_throughput import prompt_ids  # noqa: E402
 
 # Greedy decoding from fixed token-id prompts: the same on every backend.
 PROMPT_LEN = 12
-
-
-def prompts(count: int) -> list[list[int]]:
-    return [[(37 * i + 11 * j) % 4000 + 5 for j in range(PROMPT_LEN)] for i in range(count)]
 
 
 def worker_pid(worker) -> int:
@@ -96,8 +100,8 @@ def generate(llm, count: int, max_tokens: int) -> list[list[int]]:
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(count)], params,
-                           use_tqdm=False)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids(count, PROMPT_LEN)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 

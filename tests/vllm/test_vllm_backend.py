@@ -1,6 +1,7 @@
 """rayexec as vLLM's executor backend, checked against vLLM's own `mp` backend.
 
-A random-weight tiny Llama is built here with transformers (no hub access). Each
+A random-weight tiny Llama is built with transformers (no hub access; the same one
+benchmarks/vllm_throughput.py measures, from its `build_tiny_llama`). Each
 engine runs in its own subprocess (tests/vllm/run_engine.py): vLLM spawns
 processes on CPU and engines must not share the pytest process.
 
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.vllm_throughput import build_tiny_llama, mp_thread_bind
+
 pytestmark = pytest.mark.vllm
 
 RUNNER = Path(__file__).with_name("run_engine.py")
@@ -34,22 +37,9 @@ ENGINE_TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, vocab_size=4096,
-                         max_position_embeddings=512)
-    LlamaForCausalLM(config).save_pretrained(path)
+    build_tiny_llama(path)
     return path
-
-
-def mp_thread_bind(world_size: int) -> str:
-    """One core list per local worker, round-robin over this process's cores."""
-    cores = sorted(os.sched_getaffinity(0))
-    return "|".join(str(cores[i % len(cores)]) for i in range(world_size))
 
 
 def run_engine(model: Path, out_dir: Path, backend: str, tp: int, pp: int,
