@@ -17,7 +17,10 @@ prefill plus one step) and generated tokens/s (the whole batch with greedy sampl
 and ignore_eos), each --repeats times. Every backend runs --rounds engines per layout
 in alternating order (A B, B A, ...), because on a shared machine the load drifts
 between engines; the table shows medians over all rounds and the range. Token ids
-must agree across backends and rounds; a mismatch fails the run.
+must agree across backends and rounds; a mismatch fails the run. With PP > 1 the
+prompts are split into PP micro-batches by default (--micro-batches), so that
+every stage has a batch in flight, which is how PP serving runs; --micro-batches 1
+measures one batch going through the stages one after another.
 
 Prints a table, writes results/vllm_throughput.json and ends with one JSON line.
 Not here: accuracy, serving latency under load (`vllm bench serve` does that).
@@ -80,7 +83,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     llm = LLM(model=args.model, skip_tokenizer_init=True, seed=0, **mode,
               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
               distributed_executor_backend=backend, max_model_len=args.prompt_len +
-              args.max_tokens + 8, max_num_seqs=max(1, args.prompts // args.pp),
+              args.max_tokens + 8, max_num_seqs=args.prompts,
+              **micro_batch_settings(args.prompts, args.prompt_len, args.micro_batches),
               kv_cache_memory_bytes=64 << 20)
     start_s = time.perf_counter() - start
     prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids(args.prompts,
@@ -100,6 +104,22 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     return {"start_s": start_s, "ttft_s": ttft, "tokens_per_s": [tokens / s for s, _ in runs],
             "generated_tokens": tokens, "token_ids": runs[-1][1],
             "load_avg_1min": os.getloadavg()[0]}
+
+
+def micro_batch_settings(prompts: int, prompt_len: int, micro_batches: int) -> dict[str, int]:
+    """vLLM engine settings that split `prompts` prompts of `prompt_len` tokens into
+    `micro_batches` batches (the vLLM tests use this too).
+
+    vLLM keeps up to PP batches in flight, but a request already in flight is not
+    scheduled again, so one batch of every request leaves all but one stage idle.
+    A token budget of one micro-batch's prompts splits the prefill into
+    `micro_batches` batches of prompts / micro_batches requests; decode then keeps
+    them apart (each batch is rescheduled when its own step returns), so with
+    micro_batches = PP every stage has a batch to work on, as PP serving runs."""
+    if micro_batches <= 1:
+        return {}
+    per_batch = -(-prompts // micro_batches)
+    return {"max_num_batched_tokens": per_batch * prompt_len}
 
 
 # ---- the comparison (parent process) --------------------------------------------------
@@ -133,7 +153,8 @@ def run_engine(args: argparse.Namespace, model: Path, backend: str, tp: int,
         cmd = [sys.executable, __file__, "--child", "--backend", backend, "--model", str(model),
                "--tp", str(tp), "--pp", str(pp), "--out", str(out)] + [
             f"--{k.replace('_', '-')}={getattr(args, k)}"
-            for k in ("prompts", "prompt_len", "max_tokens", "repeats")]
+            for k in ("prompts", "prompt_len", "max_tokens", "repeats")] + [
+            f"--micro-batches={micro_batches(args, pp)}"]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=child_env(backend, tp * pp), capture_output=True,
@@ -166,6 +187,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "token_ids": ids[0], "same_ids_every_round": all(i == ids[0] for i in ids),
         "errors": [r["error"] for r in runs if r["status"] != "ok"],
     }
+
+
+def micro_batches(args: argparse.Namespace, pp: int) -> int:
+    """--micro-batches, or by default the layout's PP size (a batch per stage)."""
+    return args.micro_batches or pp
 
 
 def layout_name(tp: int, pp: int) -> str:
@@ -245,7 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "python": platform.python_version()},
             "versions": versions(),
             "settings": {k: getattr(args, k) for k in
-                         ("prompts", "prompt_len", "max_tokens", "repeats", "rounds")},
+                         ("prompts", "prompt_len", "max_tokens", "repeats", "rounds")}
+            | {"micro_batches": args.micro_batches or "PP size"},
             "model": args.model or "tiny random Llama (4 layers, hidden 256, vocab 4096)",
             "layouts": {},
         }
@@ -286,6 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="measured generates per engine")
+    parser.add_argument("--micro-batches", type=int, default=0,
+                        help="batches the prompts are split into (default: the layout's PP "
+                             "size, so that every pipeline stage has one; 1: one batch)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="engines per backend and layout, in alternating order")
     parser.add_argument("--out", default=str(RESULT))

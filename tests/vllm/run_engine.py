@@ -11,6 +11,9 @@ It also records the worker processes' family (workers, their parent, the parent'
 other children: Ray's raylet and agents, or vLLM's engine process) and, after
 shutdown, which of them are still running (`leftover_pids`).
 
+`--micro-batches N` splits the prompts into N batches (with PP, N steps of real
+work are then in flight at once).
+
 `--kill-rank R` checks failure handling instead of generation: after one normal
 generate, it kills worker R's process with SIGKILL while no request runs, records
 whether (and after how long) the engine declared itself dead without being asked,
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.vllm_throughput import prompt_ids  # noqa: E402
+from benchmarks.vllm_throughput import micro_batch_settings, prompt_ids  # noqa: E402
 
 # Greedy decoding from fixed token-id prompts: the same on every backend.
 PROMPT_LEN = 12
@@ -91,7 +94,9 @@ def make_llm(args):
         model=args.model, skip_tokenizer_init=True, seed=0, **compile_args,
         tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
         distributed_executor_backend=backend, max_model_len=128, max_num_seqs=8,
-        max_num_batched_tokens=256, kv_cache_memory_bytes=32 << 20,
+        kv_cache_memory_bytes=32 << 20, **({"max_num_batched_tokens": 256}
+                                           | micro_batch_settings(args.prompts, PROMPT_LEN,
+                                                                  args.micro_batches)),
     )
 
 
@@ -132,6 +137,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["eager", "dynamo"], default="eager")
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="split the prompts into this many batches (PP: one per stage)")
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--wait-s", type=float, default=60.0)
     parser.add_argument("--out", required=True)

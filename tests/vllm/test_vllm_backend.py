@@ -52,7 +52,9 @@ def run_engine(model: Path, out_dir: Path, backend: str, tp: int, pp: int,
     cmd = [sys.executable, str(RUNNER), "--model", str(model), "--backend", backend,
            "--tp", str(tp), "--pp", str(pp), "--mode", "dynamo" if pp > 1 else "eager",
            "--prompts", str(PROMPTS), "--max-tokens", str(MAX_TOKENS), "--out", str(out),
-           *extra]
+           # With PP, one batch per stage: PP steps of real work in flight at once,
+           # whose results must come back in submission order.
+           "--micro-batches", str(pp), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                           timeout=ENGINE_TIMEOUT_S)
     assert proc.returncode == 0 and out.exists(), (
