@@ -154,7 +154,7 @@ def run_engine(args: argparse.Namespace, model: Path, backend: str, tp: int,
                "--tp", str(tp), "--pp", str(pp), "--out", str(out)] + [
             f"--{k.replace('_', '-')}={getattr(args, k)}"
             for k in ("prompts", "prompt_len", "max_tokens", "repeats")] + [
-            f"--micro-batches={micro_batches(args, pp)}"]
+            f"--micro-batches={args.micro_batches or pp}"]  # default: a batch per stage
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=child_env(backend, tp * pp), capture_output=True,
@@ -187,11 +187,6 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "token_ids": ids[0], "same_ids_every_round": all(i == ids[0] for i in ids),
         "errors": [r["error"] for r in runs if r["status"] != "ok"],
     }
-
-
-def micro_batches(args: argparse.Namespace, pp: int) -> int:
-    """--micro-batches, or by default the layout's PP size (a batch per stage)."""
-    return args.micro_batches or pp
 
 
 def layout_name(tp: int, pp: int) -> str:

@@ -90,13 +90,13 @@ def make_llm(args):
         # and later PP stages then lack their intermediate-tensor buffers).
         compile_args = {"enforce_eager": False,
                         "compilation_config": {"mode": 2, "backend": "eager"}}
+    batching = {"max_num_batched_tokens": 256} | micro_batch_settings(
+        args.prompts, PROMPT_LEN, args.micro_batches)
     return LLM(
         model=args.model, skip_tokenizer_init=True, seed=0, **compile_args,
         tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
         distributed_executor_backend=backend, max_model_len=128, max_num_seqs=8,
-        kv_cache_memory_bytes=32 << 20, **({"max_num_batched_tokens": 256}
-                                           | micro_batch_settings(args.prompts, PROMPT_LEN,
-                                                                  args.micro_batches)),
+        kv_cache_memory_bytes=32 << 20, **batching,
     )
 
 
