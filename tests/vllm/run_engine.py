@@ -11,6 +11,9 @@ It also records the worker processes' family (workers, their parent, the parent'
 other children: Ray's raylet and agents, or vLLM's engine process) and, after
 shutdown, which of them are still running (`leftover_pids`).
 
+It also records the names in /dev/shm that the engine left behind
+(`leftover_shm`: there after shutdown, not before the engine started).
+
 `--micro-batches N` splits the prompts into N batches (with PP, N steps of real
 work are then in flight at once).
 
@@ -51,6 +54,10 @@ def worker_process_family(worker) -> list[int]:
 
     parent = psutil.Process(os.getppid())
     return sorted({os.getpid(), parent.pid, *(c.pid for c in parent.children())})
+
+
+def shm_names() -> set[str]:
+    return set(os.listdir("/dev/shm"))
 
 
 def alive(pids: list[int]) -> list[int]:
@@ -148,6 +155,7 @@ def main() -> None:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
     result: dict = {"backend": args.backend, "tp": args.tp, "pp": args.pp}
+    shm_before = shm_names()
     start = time.monotonic()
     llm = make_llm(args)
     result["start_s"] = round(time.monotonic() - start, 2)
@@ -163,6 +171,7 @@ def main() -> None:
         time.sleep(0.2)
     result["leftover_pids"] = alive(family)
     result["leftover"] = [describe(p) for p in result["leftover_pids"]]
+    result["leftover_shm"] = sorted(shm_names() - shm_before)
     with open(args.out, "w") as f:
         json.dump(result, f)
 

@@ -63,6 +63,12 @@ def run_engine(model: Path, out_dir: Path, backend: str, tp: int, pp: int,
     return json.loads(out.read_text())
 
 
+def not_rays(shm_names: list[str]) -> list[str]:
+    """Leave out Ray's own leftovers: its raylet leaves the semaphores (`sem.obj*`,
+    `sem.hdr*`, 32 bytes each) of a compiled graph's channels when it stops."""
+    return [n for n in shm_names if not n.startswith("sem.")]
+
+
 @pytest.fixture(scope="module")
 def rayexec_tp2_then_killed(tiny_llama, tmp_path_factory) -> dict:
     """One rayexec engine at TP=2 serves two tests (engine starts are the slow part):
@@ -81,8 +87,11 @@ def test_rayexec_generates_the_same_tokens_as_vllm_mp(tiny_llama, tmp_path, requ
 
     assert [len(t) for t in reference["token_ids"]] == [MAX_TOKENS] * PROMPTS
     assert ours["token_ids"] == reference["token_ids"]
-    # Workers, their raylet and Ray's agents are gone once the engine shut down.
+    # Workers, their raylet and Ray's agents are gone once the engine shut down,
+    # and so is the shared memory of vLLM's groups (a later engine that drew the
+    # same port could not start otherwise).
     assert ours["leftover_pids"] == []
+    assert not_rays(ours["leftover_shm"]) == []
 
 
 def test_killing_a_worker_fails_the_engine_instead_of_hanging(rayexec_tp2_then_killed):
@@ -95,3 +104,4 @@ def test_killing_a_worker_fails_the_engine_instead_of_hanging(rayexec_tp2_then_k
     assert kill["engine_dead_unprompted"], kill
     assert kill["generate_error"] is not None and "EngineDeadError" in kill["generate_error"]
     assert result["leftover_pids"] == []
+    assert not_rays(result["leftover_shm"]) == []  # not even from the killed worker
