@@ -140,3 +140,38 @@ def test_the_serve_launcher_finds_vllms_server_pieces():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--pipeline-parallel-size" in proc.stdout
+
+
+@pytest.mark.vllm
+def test_small_stage_outputs_cross_as_numpy_and_come_back_exact():
+    import torch
+    from vllm.sequence import IntermediateTensors
+
+    from rayexec.integrations.vllm_worker import (
+        SMALL_EDGE_BYTES,
+        SmallTensors,
+        pack_for_next_stage,
+        unpack_from_previous_stage,
+    )
+
+    torch.manual_seed(0)
+    sent = {"hidden_states": torch.randn(4, 256).bfloat16(),
+            "residual": torch.randn(256, 4).t(),  # not contiguous
+            "positions": torch.arange(4)}
+    packed = pack_for_next_stage(IntermediateTensors(dict(sent)))
+    assert isinstance(packed, SmallTensors)
+    # As Ray's channel hands it over: pickled, arrays read-only.
+    received = pickle.loads(pickle.dumps(packed, protocol=5))
+    for _, _, array in received.arrays.values():
+        array.flags.writeable = False
+    got = unpack_from_previous_stage(received)
+    assert isinstance(got, IntermediateTensors)
+    for name, tensor in sent.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    got["positions"].add_(1)  # the runner owns its copies
+    assert received.arrays["positions"][2].view("int64").tolist() == [0, 1, 2, 3]
+
+    # Larger outputs keep the edge's tensor transport, as they are.
+    large = IntermediateTensors({"hidden_states": torch.zeros(SMALL_EDGE_BYTES // 4 + 1)})
+    assert pack_for_next_stage(large) is large
+    assert unpack_from_previous_stage(large) is large
