@@ -14,8 +14,8 @@ executor (every stage then forwards the same bytes; Ray's channels move bytes
 cheaper than Python objects); stages before the last return vLLM's
 `IntermediateTensors`, which rayexec carries to the next stage over the DAG's
 tensor transport (small CPU ones as numpy arrays in the plain payload, which is
-cheaper for them: `SmallTensors`), and the last stage samples and returns the `ModelRunnerOutput`,
-pickled. This replaces vLLM's torch.distributed send/recv between stages;
+cheaper for them: `SmallTensors`), and the last stage samples and returns the
+`ModelRunnerOutput`, pickled. This replaces vLLM's torch.distributed send/recv between stages;
 tensor-parallel collectives stay vLLM's own. (Unlike vLLM's Ray backend, later
 stages receive the multimodal features too: the batch is not re-serialized.)
 
