@@ -12,16 +12,16 @@ names through `collective_rpc` (`determine_available_memory`,
 PP x TP DAG: `batch` is `(scheduler_output, grammar_output)` pickled once by the
 executor (every stage then forwards the same bytes; Ray's channels move bytes
 cheaper than Python objects); stages before the last return vLLM's
-`IntermediateTensors`, which rayexec carries to the next stage over the DAG's
-tensor transport (small CPU ones as numpy arrays in the plain payload, which is
-cheaper for them: `SmallTensors`), and the last stage samples and returns the
-`ModelRunnerOutput`, pickled. This replaces vLLM's torch.distributed send/recv between stages;
+`IntermediateTensors`, which rayexec carries to the next stage over the DAG's tensor
+transport (small CPU ones as numpy arrays in the plain payload, which is cheaper for
+them: `vllm_edges`), and the last stage samples and returns the `ModelRunnerOutput`,
+pickled. This replaces vLLM's torch.distributed send/recv between stages;
 tensor-parallel collectives stay vLLM's own. (Unlike vLLM's Ray backend, later
 stages receive the multimodal features too: the batch is not re-serialized.)
 
 Once vLLM's groups are up, the worker unlinks the /dev/shm names of the shared
-memory they set up (`release_shm_names`): rayexec kills workers at shutdown, and
-vLLM's own clean-up runs only at a clean process exit.
+memory they set up (`vllm_shm.release_shm_names`): rayexec kills workers at
+shutdown, and vLLM's own clean-up runs only at a clean process exit.
 
 Imports vLLM at import time: only worker processes and the executor module import
 this file. It does not place, order or start anything (rayexec does).
@@ -42,101 +42,10 @@ from vllm.v1.outputs import AsyncModelRunnerOutput
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
 from rayexec.integrations.vllm import OMP_BIND_VAR, format_cpu_ids
+from rayexec.integrations.vllm_edges import pack_for_next_stage, unpack_from_previous_stage
+from rayexec.integrations.vllm_shm import release_shm_names
 
 logger = logging.getLogger(__name__)
-
-
-SHM_DIR = "/dev/shm"
-
-
-def release_shm_names() -> list[str]:
-    """Unlink the /dev/shm names of the shared memory that vLLM's groups in this
-    process created, once every rank has mapped it; returns the names unlinked.
-
-    Two kinds, both set up while vLLM's `init_device` forms its groups: the CPU
-    communicators' segments (TP and PP groups on CPU; named after the port of the
-    distributed init method) and the TP groups' message-queue ring buffer (24 MiB).
-    vLLM unlinks them only when its processes exit cleanly; rayexec kills its
-    workers at shutdown (and a worker may die), so the names would stay, holding
-    memory, and a later engine that draws the same port fails to start ("create
-    shm in SHMManager failed. errno: 17"). Each group's set-up ends with every rank
-    attached (a barrier after the communicators join, a handshake after the queue's
-    readers open it), so the memory stays mapped where it is used; only the names go."""
-    try:  # vLLM internals, which may move between versions
-        from vllm.distributed.device_communicators.cpu_communicator import (
-            _CPUSHMDistributed,
-        )
-        from vllm.distributed.parallel_state import _groups
-    except ImportError as e:
-        logger.warning("cannot release the /dev/shm names of vLLM's groups (%s); they stay "
-                       "there until removed by hand", e)
-        return []
-
-    released = []
-    for ref in list(_groups.values()):
-        group = ref()
-        if group is None:
-            continue
-        comm = getattr(getattr(group, "device_communicator", None), "dist_module", None)
-        if isinstance(comm, _CPUSHMDistributed):
-            for group_rank in range(group.world_size):
-                name = f"{comm.group_name}_{group_rank}"  # vLLM's SHMManager::get_shm_name
-                try:
-                    os.unlink(os.path.join(SHM_DIR, name))
-                except FileNotFoundError:
-                    continue  # another rank of the group was first
-                released.append(name)
-        ring = getattr(getattr(group, "mq_broadcaster", None), "buffer", None)
-        if ring is not None and getattr(ring, "is_creator", False):
-            ring.shared_memory.unlink()  # also tells Python's resource tracker
-            ring.is_creator = False  # vLLM's __del__ would unlink it a second time
-            released.append(ring.shared_memory.name)
-    if released:
-        logger.debug("unlinked the /dev/shm names %s", released)
-    return released
-
-
-SMALL_EDGE_BYTES = 64 << 10
-
-
-class SmallTensors:
-    """A later stage's input when it is small and on the CPU: each tensor as a
-    (dtype name, shape, uint8 numpy view) triple. Ray's channels carry numpy arrays
-    in the plain payload more cheaply than through the edge's shared-memory tensor
-    transport when the tensors are a few KiB (decode steps): measured here, a 2-stage
-    compiled graph round trip of 2 x [4, 256] bf16 took 0.29-0.53 ms this way against
-    0.48-0.85 ms with the transport, and inside vLLM each stage-to-stage hand-off got
-    about 0.4 ms shorter. At 4 MiB the transport is faster (2.1 ms vs 3.5 ms), so
-    larger tensors keep it."""
-
-    __slots__ = ("arrays",)
-
-    def __init__(self, arrays: dict[str, tuple[str, tuple[int, ...], Any]]) -> None:
-        self.arrays = arrays
-
-
-def pack_for_next_stage(out: IntermediateTensors) -> IntermediateTensors | SmallTensors:
-    """`out` as the next stage receives it: SmallTensors when every tensor is on the
-    CPU and all together are at most SMALL_EDGE_BYTES, else unchanged."""
-    tensors = out.tensors
-    if (any(t.device.type != "cpu" for t in tensors.values())
-            or sum(t.numel() * t.element_size() for t in tensors.values()) > SMALL_EDGE_BYTES):
-        return out
-    return SmallTensors({
-        name: (str(t.dtype).removeprefix("torch."), tuple(t.shape),
-               t.contiguous().view(-1).view(torch.uint8).numpy())
-        for name, t in tensors.items()})
-
-
-def unpack_from_previous_stage(received: Any) -> Any:
-    """The previous stage's output as vLLM's runner takes it (IntermediateTensors)."""
-    if not isinstance(received, SmallTensors):
-        return received
-    # Copied: Ray hands out read-only views into a channel buffer that the next
-    # read reuses, while the runner may keep these tensors.
-    return IntermediateTensors({
-        name: torch.from_numpy(array.copy()).view(getattr(torch, dtype)).view(shape)
-        for name, (dtype, shape, array) in received.arrays.items()})
 
 
 class VllmWorker:

@@ -147,7 +147,7 @@ def test_small_stage_outputs_cross_as_numpy_and_come_back_exact():
     import torch
     from vllm.sequence import IntermediateTensors
 
-    from rayexec.integrations.vllm_worker import (
+    from rayexec.integrations.vllm_edges import (
         SMALL_EDGE_BYTES,
         SmallTensors,
         pack_for_next_stage,
