@@ -11,8 +11,8 @@ It also records the worker processes' family (workers, their parent, the parent'
 other children: Ray's raylet and agents, or vLLM's engine process) and, after
 shutdown, which of them are still running (`leftover_pids`).
 
-It also records the names in /dev/shm that the engine left behind
-(`leftover_shm`: there after shutdown, not before the engine started).
+The same goes for /dev/shm: `leftover_shm` lists the names there after shutdown
+that were not there before the engine started.
 
 `--micro-batches N` splits the prompts into N batches (with PP, N steps of real
 work are then in flight at once).
