@@ -48,7 +48,7 @@ from rayexec.layout import RankPlan
 from rayexec.monitor import DeathMonitor
 from rayexec.placement import ensure_ray
 from rayexec.platform import Platform, resolve_platform
-from rayexec.worker import import_worker_cls
+from rayexec.worker import import_worker_cls, pack_step
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class RayDistributedExecutor:
             step = self._step_id
             if self.config.forward == "dag":
                 try:
-                    refs = self._ensure_dag().execute((step, batch))
+                    refs = self._ensure_dag().execute(pack_step(step, batch))
                 except RayChannelTimeoutError:  # stage 0 never took the input
                     raise self._step_timeout(step) from None
                 except RayChannelError as e:  # torn down by Ray after a death
@@ -271,7 +271,8 @@ class RayDistributedExecutor:
 
     def _submit_rpc(self, step: int, batch: Any) -> list[ray.ObjectRef]:
         grid = self.pp_tp_workers
-        refs = [w.execute_model_dag.remote((step, batch)) for w in grid[0]]
+        packed = pack_step(step, batch)
+        refs = [w.execute_model_dag.remote(packed) for w in grid[0]]
         for stage in grid[1:]:
             refs = [w.execute_model_dag.remote(r) for w, r in zip(stage, refs)]
         return refs

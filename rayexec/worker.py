@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -36,6 +37,44 @@ from rayexec.errors import WorkerError
 logger = logging.getLogger(__name__)
 
 CONCURRENCY_GROUPS = {"control": 2, "monitor": 1}
+STEP_HEADER = struct.Struct("<q")  # step
+EDGE_HEADER = struct.Struct("<qq")  # step, len(batch)
+
+
+def pack_step(step: int, batch: Any) -> Any:
+    """What the driver sends stage 0. A `bytes` batch goes as bytes with the step id
+    in front: Ray's channels hand bytes over as they are, with no msgpack or pickle on
+    either side, their cheapest path (an engine that pickles its batch once, like the
+    vLLM backend, takes it on every step). Any other batch goes as (step, batch)."""
+    if isinstance(batch, bytes):
+        return STEP_HEADER.pack(step) + batch
+    return step, batch
+
+
+def unpack_step(packed: Any) -> tuple[int, Any]:
+    """(step, batch) from what `pack_step` made."""
+    if isinstance(packed, bytes):
+        return STEP_HEADER.unpack_from(packed)[0], packed[STEP_HEADER.size:]
+    return packed
+
+
+def pack_edge(step: int, batch: Any, out: Any) -> Any:
+    """What a stage sends the next one. When the batch and the stage's output are
+    both `bytes` (a worker that serializes small outputs itself), one bytes frame,
+    for the same reason as `pack_step`; otherwise (step, batch, out), whose tensors
+    take the edge's tensor transport."""
+    if isinstance(batch, bytes) and isinstance(out, bytes):
+        return EDGE_HEADER.pack(step, len(batch)) + batch + out
+    return step, batch, out
+
+
+def unpack_edge(packed: Any) -> tuple[int, Any, Any]:
+    """(step, batch, out) from what `pack_edge` made."""
+    if isinstance(packed, bytes):
+        step, size = EDGE_HEADER.unpack_from(packed)
+        start = EDGE_HEADER.size
+        return step, packed[start:start + size], packed[start + size:]
+    return packed
 
 
 def import_worker_cls(worker_cls: type | str) -> type:
@@ -171,24 +210,24 @@ class WorkerWrapper:
             return self._run(name, lambda: fn(self.worker, *args, **kwargs))
         return self._run(method, lambda: getattr(self.worker, method)(*args, **kwargs))
 
-    def execute_model_dag(self, packed: tuple) -> Any:
+    def execute_model_dag(self, packed: Any) -> Any:
         """The forward step: unpack, call execute_model, pack for the next stage.
 
-        Stage 0 receives (step, batch) from the driver; later stages receive
-        (step, batch, intermediate) from the previous stage. The last stage returns
-        the worker's output; the others pass (step, batch, intermediate) on.
+        Stage 0 receives the driver's `pack_step(step, batch)`; later stages receive
+        the previous stage's `pack_edge(step, batch, intermediate)`. The last stage
+        returns the worker's output; the others pass `pack_edge(...)` on.
         """
         if self.is_first_stage:
-            step, batch = packed
+            step, batch = unpack_step(packed)
             intermediate = None
         else:
-            step, batch, intermediate = packed
+            step, batch, intermediate = unpack_edge(packed)
         self.step_started, self.step_since = step, time.time()
         try:
             out = self._run("execute_model", lambda: self.worker.execute_model(batch, intermediate))
         finally:
             self.step_finished = step
-        return out if self.is_last_stage else (step, batch, out)
+        return out if self.is_last_stage else pack_edge(step, batch, out)
 
     def _run(self, method: str, call: Callable[[], Any]) -> Any:
         try:

@@ -170,7 +170,7 @@ class _StepResult(Future):
             except BaseException as e:
                 self.set_exception(e)
             else:
-                self.set_result(None if packed is None else pickle.loads(packed))
+                self.set_result(pickle.loads(packed) if packed else None)
             self._step = None
         return super().result(timeout)
 

@@ -13,10 +13,11 @@ PP x TP DAG: `batch` is `(scheduler_output, grammar_output)` pickled once by the
 executor (every stage then forwards the same bytes; Ray's channels move bytes
 cheaper than Python objects); stages before the last return vLLM's
 `IntermediateTensors`, which rayexec carries to the next stage over the DAG's tensor
-transport (small CPU ones as numpy arrays in the plain payload, which is cheaper for
-them: `vllm_edges`), and the last stage samples and returns the `ModelRunnerOutput`,
-pickled. This replaces vLLM's torch.distributed send/recv between stages;
-tensor-parallel collectives stay vLLM's own. (Unlike vLLM's Ray backend, later
+transport (small CPU ones pickled into bytes, which Ray's channels carry more
+cheaply: `vllm_edges`), and the last stage samples and returns the
+`ModelRunnerOutput`, pickled (the other TP ranks return b""). This replaces
+vLLM's torch.distributed send/recv between stages; tensor-parallel collectives
+stay vLLM's own. (Unlike vLLM's Ray backend, later
 stages receive the multimodal features too: the batch is not re-serialized.)
 
 Once vLLM's groups are up, the worker unlinks the /dev/shm names of the shared
@@ -121,8 +122,8 @@ class VllmWorker:
         """One step. `batch` is the pickled (scheduler_output, grammar_output).
 
         Returns vLLM's IntermediateTensors for the next stage, or on the last stage
-        the pickled ModelRunnerOutput from TP rank 0 (None from the other TP ranks,
-        and from earlier stages when nothing was scheduled)."""
+        the pickled ModelRunnerOutput from TP rank 0 (b"" from the other TP ranks;
+        None from earlier stages when nothing was scheduled)."""
         scheduler_output, grammar_output = pickle.loads(batch)
         worker = self.wrapper.worker
         if threading.get_ident() not in self._step_threads:
@@ -140,7 +141,9 @@ class VllmWorker:
             if isinstance(output, AsyncModelRunnerOutput):
                 output = output.get_output()
         if self.tp_rank != 0:
-            return None  # every TP rank samples (to keep its state); rank 0 reports
+            # Every TP rank samples (to keep its state); rank 0 reports. Empty bytes
+            # rather than None: Ray's channels pass bytes through unserialized.
+            return b""
         # Pickled here, unpickled by the executor: the driver then owns every
         # buffer (Ray's channel would hand it zero-copy numpy views into shared
         # memory that block the channel while the engine holds them).

@@ -143,35 +143,35 @@ def test_the_serve_launcher_finds_vllms_server_pieces():
 
 
 @pytest.mark.vllm
-def test_small_stage_outputs_cross_as_numpy_and_come_back_exact():
+def test_small_stage_outputs_cross_as_bytes_and_come_back_exact():
     import torch
     from vllm.sequence import IntermediateTensors
 
     from rayexec.integrations.vllm_edges import (
         SMALL_EDGE_BYTES,
-        SmallTensors,
         pack_for_next_stage,
         unpack_from_previous_stage,
     )
+    from rayexec.worker import pack_edge, unpack_edge
 
     torch.manual_seed(0)
     sent = {"hidden_states": torch.randn(4, 256).bfloat16(),
             "residual": torch.randn(256, 4).t(),  # not contiguous
             "positions": torch.arange(4)}
     packed = pack_for_next_stage(IntermediateTensors(dict(sent)))
-    assert isinstance(packed, SmallTensors)
-    # As Ray's channel hands it over: pickled, arrays read-only.
-    received = pickle.loads(pickle.dumps(packed, protocol=5))
-    for _, _, array in received.arrays.values():
-        array.flags.writeable = False
-    got = unpack_from_previous_stage(received)
+    assert isinstance(packed, bytes)
+    # rayexec frames it with the batch into one bytes message, which Ray passes as is.
+    frame = pack_edge(9, b"batch", packed)
+    assert isinstance(frame, bytes) and unpack_edge(frame) == (9, b"batch", packed)
+    got = unpack_from_previous_stage(unpack_edge(frame)[2])
     assert isinstance(got, IntermediateTensors)
     for name, tensor in sent.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
-    got["positions"].add_(1)  # the runner owns its copies
-    assert received.arrays["positions"][2].view("int64").tolist() == [0, 1, 2, 3]
+    got["positions"].add_(1)  # writable: the runner owns its copies
+    assert torch.equal(unpack_from_previous_stage(packed)["positions"], torch.arange(4))
 
     # Larger outputs keep the edge's tensor transport, as they are.
     large = IntermediateTensors({"hidden_states": torch.zeros(SMALL_EDGE_BYTES // 4 + 1)})
     assert pack_for_next_stage(large) is large
     assert unpack_from_previous_stage(large) is large
+
