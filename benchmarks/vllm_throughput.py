@@ -22,6 +22,12 @@ prompts are split into PP micro-batches by default (--micro-batches), so that
 every stage has a batch in flight, which is how PP serving runs; --micro-batches 1
 measures one batch going through the stages one after another.
 
+"vs mp" divides the pooled medians; "paired" is the median over rounds of each
+round's tokens/s over mp's in the same round, with a bootstrap 90% interval over
+rounds: the load on a shared machine drifts between rounds more than between the
+two engines of one round, so the paired ratio is the sharper comparison, and the
+interval says whether the rounds resolve a difference at all.
+
 Prints a table, writes results/vllm_throughput.json and ends with one JSON line.
 Not here: accuracy, serving latency under load (`vllm bench serve` does that).
 """
@@ -32,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -212,7 +219,30 @@ def run_layout(args: argparse.Namespace, model: Path, tp: int, pp: int) -> dict[
                       f"{run['start_s']:.1f} s", flush=True)
             else:
                 print(f"  {run['status']}: {run['error'][:120]}", flush=True)
-    return {b: summarize(r) for b, r in runs.items()}
+    summary = {b: summarize(r) for b, r in runs.items()}
+    if "mp" in runs:
+        for backend, rows in runs.items():
+            if backend != "mp" and "tokens_per_s" in summary[backend]:
+                summary[backend]["vs_mp"] = paired_ratio(rows, runs["mp"])
+    return summary
+
+
+def paired_ratio(runs: list[dict[str, Any]], baseline: list[dict[str, Any]],
+                 resamples: int = 2000) -> dict[str, Any]:
+    """tokens/s over the baseline's, round by round (each round's two engines ran
+    one after the other, so they saw about the same machine), with the median over
+    rounds and a bootstrap 90% interval of that median (resampling rounds). The
+    interval says what the rounds can resolve: "at least the baseline" is shown only
+    when its lower end is at least 1."""
+    ratios = [statistics.median(r["tokens_per_s"]) / statistics.median(b["tokens_per_s"])
+              for r, b in zip(runs, baseline) if r["status"] == b["status"] == "ok"]
+    if not ratios:
+        return {"by_round": []}
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios)))
+                     for _ in range(resamples))
+    return {"by_round": ratios, "median": statistics.median(ratios),
+            "ci90": [medians[int(0.05 * resamples)], medians[int(0.95 * resamples) - 1]]}
 
 
 def _root_cause(stderr: str) -> str:
@@ -237,20 +267,24 @@ def compare_tokens(results: dict[str, dict[str, Any]]) -> bool | None:
 
 def table(doc: dict[str, Any]) -> str:
     head = (f"{'layout':<8} {'backend':<11} {'start s':>8} {'TTFT ms':>8} {'tok/s':>8} "
-            f"{'(min-max)':>14} {'vs mp':>6}  by round")
+            f"{'(min-max)':>14} {'vs mp':>6} {'paired (90% CI)':>18}  by round")
     lines = [head, "-" * len(head)]
     for layout, row in doc["layouts"].items():
         mp_rate = row["backends"].get("mp", {}).get("tokens_per_s")
         for name, r in row["backends"].items():
             if "tokens_per_s" not in r:
                 lines.append(f"{layout:<8} {name:<11} {'-':>8} {'-':>8} {'-':>8} {'':>14} "
-                             f"{'':>6}  {r['status']}: {r['error'][:90]}")
+                             f"{'':>6} {'':>18}  {r['status']}: {r['error'][:90]}")
                 continue
             ratio = f"{r['tokens_per_s'] / mp_rate:.2f}" if mp_rate else "-"
             spread = f"({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f})"
             rounds = " ".join(f"{x:.0f}" for x in r["tokens_per_s_by_round"])
+            paired = r.get("vs_mp", {})
+            paired_text = (f"{paired['median']:.2f} ({paired['ci90'][0]:.2f}-"
+                           f"{paired['ci90'][1]:.2f})" if "median" in paired else "-")
             lines.append(f"{layout:<8} {name:<11} {r['start_s']:>8.1f} {r['ttft_s'] * 1e3:>8.1f} "
-                         f"{r['tokens_per_s']:>8.0f} {spread:>14} {ratio:>6}  {rounds}")
+                         f"{r['tokens_per_s']:>8.0f} {spread:>14} {ratio:>6} {paired_text:>18}  "
+                         f"{rounds}")
         lines.append(f"{'':<8} token ids agree: {row['tokens_agree']}")
     return "\n".join(lines)
 

@@ -175,3 +175,24 @@ def test_small_stage_outputs_cross_as_bytes_and_come_back_exact():
     assert pack_for_next_stage(large) is large
     assert unpack_from_previous_stage(large) is large
 
+
+def test_the_throughput_benchmark_pairs_rounds_and_says_what_they_resolve():
+    from benchmarks.vllm_throughput import paired_ratio, summarize, table
+
+    def ok(*rates: float) -> dict:
+        return {"status": "ok", "tokens_per_s": list(rates), "ttft_s": [0.01], "start_s": 1.0,
+                "load_avg_1min": 1.0, "generated_tokens": 8, "token_ids": [[1]]}
+    # Round 2 is slow for both engines: pairing cancels it, pooling would not.
+    ours = [ok(110, 120, 130), ok(60), {"status": "failed", "error": "x"}, ok(105)]
+    mp = [ok(100), ok(50), ok(100), ok(100)]
+    paired = paired_ratio(ours, mp)
+    assert paired["by_round"] == pytest.approx([1.2, 1.2, 1.05])  # the failed round left out
+    assert paired["median"] == pytest.approx(1.2)
+    low, high = paired["ci90"]
+    assert 1.05 <= low <= paired["median"] <= high <= 1.2
+    assert paired_ratio([ok(1)], [{"status": "failed"}]) == {"by_round": []}
+
+    doc = {"layouts": {"tp2": {"tokens_agree": True, "backends": {
+        "rayexec": summarize(ours) | {"vs_mp": paired}, "mp": summarize(mp)}}}}
+    text = table(doc)
+    assert "paired (90% CI)" in text and "1.20 (" in text
