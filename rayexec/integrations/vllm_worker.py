@@ -17,8 +17,8 @@ transport (small CPU ones pickled into bytes, which Ray's channels carry more
 cheaply: `vllm_edges`), and the last stage samples and returns the
 `ModelRunnerOutput`, pickled (the other TP ranks return b""). This replaces
 vLLM's torch.distributed send/recv between stages; tensor-parallel collectives
-stay vLLM's own. (Unlike vLLM's Ray backend, later
-stages receive the multimodal features too: the batch is not re-serialized.)
+stay vLLM's own. (Unlike vLLM's Ray backend, later stages receive the multimodal
+features too: the batch is not re-serialized.)
 
 Once vLLM's groups are up, the worker unlinks the /dev/shm names of the shared
 memory they set up (`vllm_shm.release_shm_names`): rayexec kills workers at
