@@ -188,8 +188,8 @@ def test_the_throughput_benchmark_pairs_rounds_and_says_what_they_resolve():
     paired = paired_ratio(ours, mp)
     assert paired["by_round"] == pytest.approx([1.2, 1.2, 1.05])  # the failed round left out
     assert paired["median"] == pytest.approx(1.2)
-    low, high = paired["ci90"]
-    assert 1.05 <= low <= paired["median"] <= high <= 1.2
+    # Resampled medians of [1.2, 1.2, 1.05] are 1.05 in 7/27 of draws, else 1.2.
+    assert paired["ci90"] == pytest.approx([1.05, 1.2])
     assert paired_ratio([ok(1)], [{"status": "failed"}]) == {"by_round": []}
 
     doc = {"layouts": {"tp2": {"tokens_agree": True, "backends": {
