@@ -312,6 +312,13 @@ class RayDistributedExecutor:
         with self._state_lock:
             self._dead.update(zip(err.ranks, err.nodes))
             known = dict(self._dead)
+        if not err.ranks and not known:
+            # Ray tore the graph down ("Channel closed", no actor named) before the
+            # death monitor heard of the death: ask the workers which ones are gone.
+            dead, _ = self._group.ping(PROGRESS_TIMEOUT_S)
+            with self._state_lock:
+                self._dead.update((rank, self._group.node_ip(rank)) for rank in dead)
+                known = dict(self._dead)
         if not err.ranks and known:
             return WorkerDiedError(list(known), list(known.values()), err.detail)
         return err

@@ -4,6 +4,7 @@ automatically) with the same ranks, rebuilt torch.distributed groups and DAG."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import ray
@@ -84,6 +85,20 @@ def test_death_mid_run_is_replaced_and_serves_the_same_tokens(local_ray, no_leak
             assert (new[rank] != old[rank]) == (rank in replaced)
         ex.check_health()
         assert generate(ex, PROMPTS, 4).token_ids == before
+
+
+def test_a_death_seen_only_as_a_closed_channel_still_names_the_rank(local_ray, no_leaks):
+    with RayDistributedExecutor(decoder_config(execute_timeout_s=60)) as ex:
+        generate(ex, PROMPTS, 2)
+        # Without the death monitor, the step's only news is Ray's "Channel closed"
+        # once Ray tears the graph down: it names no actor.
+        ex._parts.monitor.stop()
+        ray.kill(ex.workers[3])
+        time.sleep(3)  # Ray's own graph monitor tears the graph down meanwhile
+        with pytest.raises(WorkerDiedError) as info:
+            generate(ex, PROMPTS, 2)
+        assert info.value.ranks == [3]
+        assert "rank 3" in str(info.value)
 
 
 def test_restart_on_failure_replaces_automatically(local_ray, no_leaks):
