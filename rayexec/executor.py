@@ -312,16 +312,16 @@ class RayDistributedExecutor:
         with self._state_lock:
             self._dead.update(zip(err.ranks, err.nodes))
             known = dict(self._dead)
-        if not err.ranks and not known:
+        if err.ranks:
+            return err
+        if not known:
             # Ray tore the graph down ("Channel closed", no actor named) before the
             # death monitor heard of the death: ask the workers which ones are gone.
             dead, _ = self._group.ping(PROGRESS_TIMEOUT_S)
             with self._state_lock:
                 self._dead.update((rank, self._group.node_ip(rank)) for rank in dead)
                 known = dict(self._dead)
-        if not err.ranks and known:
-            return WorkerDiedError(list(known), list(known.values()), err.detail)
-        return err
+        return WorkerDiedError(list(known), list(known.values()), err.detail) if known else err
 
     def _ranks_mid_step(self) -> set[int]:
         """Ranks that started a step and have not finished it (or do not answer)."""
