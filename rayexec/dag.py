@@ -108,9 +108,14 @@ class ForwardDag:
                 outputs_by_stage.append(outputs)
             graph = MultiOutputNode(outputs)
         self._stage_outputs = outputs_by_stage
+        from ray.dag.context import DAGContext
+
         self.compiled = graph.experimental_compile(
             _submit_timeout=submit_timeout_s,
             _overlap_gpu_communication=overlap_comm,
+            # Room for PP steps in flight behind PP idle-park steps (park.py).
+            _max_inflight_executions=max(DAGContext.get_current().max_inflight_executions,
+                                         2 * len(grid) + 2),
         )
         logger.info("compiled the forward DAG: %d stage(s) x %d worker(s), %s edges",
                     len(grid), len(grid[0]), transport)

@@ -60,6 +60,7 @@ CONFIG_VARS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "RAYEXEC_EXECUTE_TIMEOUT_S": ("execute_timeout_s", float, "seconds"),
     "RAYEXEC_RPC_TIMEOUT_S": ("rpc_timeout_s", _optional_float, "seconds or none"),
     "RAYEXEC_HEALTH_CHECK_TIMEOUT_S": ("health_check_timeout_s", float, "seconds"),
+    "RAYEXEC_IDLE_PARK_S": ("idle_park_s", _optional_float, "seconds or none"),
     "RAYEXEC_ENV_PREFIXES_TO_COPY": ("env_prefixes_to_copy", _strs, 'comma-separated, "NCCL_,HF_"'),
     "RAYEXEC_CPU_THREADS_PER_WORKER": ("cpu_threads_per_worker", _optional_int, "an integer"),
     "RAYEXEC_CPU_BIND": ("cpu_bind", _bool, "a boolean (1/0)"),

@@ -46,6 +46,7 @@ from rayexec.futures import StepQueue
 from rayexec.group import Method, WorkerGroup, method_name, unpicklable_is_clear
 from rayexec.layout import RankPlan
 from rayexec.monitor import DeathMonitor
+from rayexec.park import IdleTimer, Park
 from rayexec.placement import ensure_ray
 from rayexec.platform import Platform, resolve_platform
 from rayexec.worker import import_worker_cls, pack_step
@@ -66,11 +67,35 @@ class _Parts:
         self.dag: ForwardDag | None = None
         self.monitor: DeathMonitor | None = None
         self.pool: ThreadPoolExecutor | None = None
+        self.idle_timer: IdleTimer | None = None
+        self.parked = 0  # the park id the workers sleep in (park.py); 0: not parked
+        self.park_refs: list[Any] = []  # the park steps' outputs, unread
         self.steps = StepQueue()
+
+    def wake(self, timeout_s: float) -> None:
+        """End the workers' park, if any, and read the park steps' outputs (so that
+        Ray never waits for them on its own). A worker that died meanwhile makes the
+        read fail fast; that death is reported by the monitor and the next step."""
+        if not self.parked:
+            return
+        if self.group is not None:
+            for actor in self.group.actors:
+                actor.wake.remote(self.parked)
+        self.parked = 0
+        deadline = time.monotonic() + timeout_s
+        refs, self.park_refs = self.park_refs, []
+        for ref in refs:
+            try:
+                ref.get(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as e:
+                logger.debug("reading a park step's output: %r", e)
 
     def release(self) -> None:
         if self.monitor is not None:
             self.monitor.stop()
+        if self.idle_timer is not None:
+            self.idle_timer.stop()
+        self.wake(DAG_TEARDOWN_TIMEOUT_S)  # parked workers would hold the teardown
         self.steps.fail_all(ExecutorClosedError("the executor was shut down"))
         self.steps.clear()
         if self.dag is not None:
@@ -93,6 +118,8 @@ class RayDistributedExecutor:
         self._finalizer = weakref.finalize(self, self._parts.release)
         self._closed = False
         self._step_id = 0
+        self._park_id = 0
+        self._last_busy = time.monotonic()  # when the idle timer last saw a step
         self._callbacks: list[FailureCallback] = []
         self._dead: dict[int, str] = {}  # rank -> node IP
         self._state_lock = threading.Lock()
@@ -160,6 +187,10 @@ class RayDistributedExecutor:
             grid = self._group.topology.grid(self._group.actors)
             self._parts.dag = ForwardDag(grid, self.transport, self.config.overlap_comm,
                                          submit_timeout_s=self.config.execute_timeout_s)
+            if self.config.idle_park_s is not None and self._parts.idle_timer is None:
+                park_if_idle = weakref.WeakMethod(self._park_if_idle)
+                self._parts.idle_timer = IdleTimer(lambda: (park_if_idle() or _none)())
+                self._parts.idle_timer.start()
         return self._parts.dag
 
     # ---- public facts -----------------------------------------------------------------
@@ -256,7 +287,9 @@ class RayDistributedExecutor:
         with steps.lock, unpicklable_is_clear("execute_model(batch)"):
             self._step_id += 1
             step = self._step_id
+            self._last_busy = time.monotonic()
             if self.config.forward == "dag":
+                self._parts.wake(self.config.execute_timeout_s)
                 try:
                     refs = self._ensure_dag().execute(pack_step(step, batch))
                 except RayChannelTimeoutError:  # stage 0 never took the input
@@ -268,6 +301,34 @@ class RayDistributedExecutor:
                 refs = self._submit_rpc(step, batch)
                 future = steps.submit(lambda: self._fetch_rpc(refs, step))
         return future if non_block else future.result()
+
+    def _park_if_idle(self) -> float | None:
+        """Park the DAG's workers when no step ran for idle_park_s (park.py); returns
+        the seconds until it is worth asking again, None once the executor is closed."""
+        idle_s = self.config.idle_park_s
+        steps = self._parts.steps
+        if self._closed or idle_s is None:
+            return None
+        if not steps.lock.acquire(blocking=False):  # a step is being sent or fetched
+            self._last_busy = time.monotonic()
+            return idle_s
+        try:
+            dag = self._parts.dag
+            if len(steps) or dag is None or self._parts.parked or not self._serving.is_set():
+                self._last_busy = time.monotonic()
+                return idle_s
+            wait = self._last_busy + idle_s - time.monotonic()
+            if wait > 0:
+                return wait
+            self._park_id += 1
+            for index in range(self.config.pipeline_parallel_size):
+                step = pack_step(self._step_id, Park(self._park_id, index))
+                self._parts.park_refs.extend(dag.execute(step))
+            self._parts.parked = self._park_id
+            logger.debug("idle for %gs: parked the workers (park %d)", idle_s, self._park_id)
+            return idle_s
+        finally:
+            steps.lock.release()
 
     def _submit_rpc(self, step: int, batch: Any) -> list[ray.ObjectRef]:
         grid = self.pp_tp_workers
@@ -289,6 +350,7 @@ class RayDistributedExecutor:
             raise self._step_timeout(step) from None
         except RayChannelError as e:  # the graph was torn down: a worker died
             raise self._died(e) from None
+        self._last_busy = time.monotonic()
         return outs[0]
 
     def _fetch_rpc(self, refs: list[ray.ObjectRef], step: int) -> Any:
@@ -417,6 +479,7 @@ class RayDistributedExecutor:
             logger.warning("replacing the workers of rank(s) %s", dead)
             if self._parts.monitor is not None:
                 self._parts.monitor.stop()
+            self._parts.wake(DAG_TEARDOWN_TIMEOUT_S)  # parked survivors would hold the teardown
             steps = self._parts.steps
             steps.fail_all(WorkerDiedError(dead, [self._group.node_ip(r) for r in dead],
                                            "replaced by restart_failed_workers()"))
@@ -493,3 +556,7 @@ def _torch_is_hip(resources: dict[str, float]) -> bool:
 
 def _ignore(*_: Any) -> None:
     pass
+
+
+def _none() -> None:
+    return None

@@ -33,6 +33,7 @@ import ray
 
 from rayexec import envs
 from rayexec.errors import WorkerError
+from rayexec.park import Park, ParkGate
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class WorkerWrapper:
         self.worker: Any = None
         self.is_first_stage = True
         self.is_last_stage = True
+        self.pp_rank = 0
+        self.pipeline_parallel_size = 1
+        self.gate = ParkGate()
         # Step progress, written by the step thread and read from "control".
         self.step_started = -1
         self.step_finished = -1
@@ -176,8 +180,9 @@ class WorkerWrapper:
         cpu_cores: tuple[int, ...] | None = None,
     ) -> None:
         self.rank = kwargs["rank"]
-        self.is_first_stage = kwargs["pp_rank"] == 0
-        self.is_last_stage = kwargs["pp_rank"] == pipeline_parallel_size - 1
+        self.pp_rank, self.pipeline_parallel_size = kwargs["pp_rank"], pipeline_parallel_size
+        self.is_first_stage = self.pp_rank == 0
+        self.is_last_stage = self.pp_rank == pipeline_parallel_size - 1
         if cpu_cores:
             _pin_process(tuple(cpu_cores))
         if cpu_threads:
@@ -215,13 +220,18 @@ class WorkerWrapper:
 
         Stage 0 receives the driver's `pack_step(step, batch)`; later stages receive
         the previous stage's `pack_edge(step, batch, intermediate)`. The last stage
-        returns the worker's output; the others pass `pack_edge(...)` on.
+        returns the worker's output; the others pass `pack_edge(...)` on. A `Park`
+        batch never reaches the engine's worker (see park.py).
         """
         if self.is_first_stage:
             step, batch = unpack_step(packed)
             intermediate = None
         else:
             step, batch, intermediate = unpack_edge(packed)
+        if isinstance(batch, Park):
+            if batch.blocks(self.pp_rank, self.pipeline_parallel_size):
+                self.gate.wait(batch.park_id)
+            return None if self.is_last_stage else pack_edge(step, batch, None)
         self.step_started, self.step_since = step, time.time()
         try:
             out = self._run("execute_model", lambda: self.worker.execute_model(batch, intermediate))
@@ -248,6 +258,16 @@ class WorkerWrapper:
     def get_progress(self) -> tuple[int, int, float]:
         """(last step started, last step finished, when the last one started)."""
         return self.step_started, self.step_finished, self.step_since
+
+    @ray.method(concurrency_group="control")
+    def wake(self, park_id: int) -> None:
+        """End park `park_id` (and any earlier one); see park.py."""
+        self.gate.wake(park_id)
+
+    @ray.method(concurrency_group="control")
+    def is_parked(self) -> bool:
+        """Whether the step thread is blocked in a park step."""
+        return self.gate.parked
 
     @ray.method(concurrency_group="monitor")
     def wait_for_death(self) -> None:

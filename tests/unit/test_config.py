@@ -31,6 +31,8 @@ def cfg(**kw):
     ("pg_ready_timeout_s", 0, "seconds > 0"),
     ("execute_timeout_s", -5, "seconds > 0"),
     ("rpc_timeout_s", "10", "seconds > 0"),
+    ("idle_park_s", 0, "None or a number of seconds > 0"),
+    ("idle_park_s", "1", "None or a number of seconds > 0"),
     ("env_vars", {"A": 1}, "str names to str values"),
     ("env_vars", {"CUDA_VISIBLE_DEVICES": "0"}, "set per worker"),
     ("env_prefixes_to_copy", "NCCL_", "tuple of non-empty prefixes"),
@@ -123,6 +125,8 @@ def test_env_values_that_do_not_parse_name_the_variable():
 
 def test_timeout_from_env_is_a_number():
     assert config_overrides({"RAYEXEC_PG_READY_TIMEOUT_S": "2.5"}) == {"pg_ready_timeout_s": 2.5}
+    assert config_overrides({"RAYEXEC_IDLE_PARK_S": "none"}) == {"idle_park_s": None}
+    assert config_overrides({"RAYEXEC_IDLE_PARK_S": "0.5"}) == {"idle_park_s": 0.5}
 
 
 def test_every_env_var_names_a_real_field():
