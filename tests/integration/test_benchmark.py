@@ -103,3 +103,22 @@ def test_payload_sizes_and_bad_flags() -> None:
     args = pp_tp_latency.parse_args(["--quick", "--pp", "4", "--tp", "1,2"])
     cells, skipped = pp_tp_latency.layouts(args)
     assert cells == [(4, 1)] and "8 workers" in skipped[0]
+
+
+def test_idle_park_script_runs_and_parked_workers_use_less_cpu(tmp_path: Path) -> None:
+    """benchmarks/idle_park.py, shortest run: both settings measured, JSON written.
+    A CPU-use comparison, not a timing: polling workers spin on a core each, parked
+    ones sleep, so the gap is about a core per worker on any machine."""
+    out = tmp_path / "idle.json"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "idle_park.py"), "--layouts", "1x2",
+         "--idle-s", "3", "--rounds", "1", "--warm-steps", "3", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    rows = {r["idle_park_s"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {None, 0.5}
+    assert rows[0.5]["idle_cores_settled"] < rows[None]["idle_cores_settled"] - 0.5
+    assert all(r["first_step_after_idle_ms"] > 0 for r in rows.values())
