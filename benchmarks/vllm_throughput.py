@@ -3,21 +3,24 @@
     python benchmarks/vllm_throughput.py                       # tiny Llama, TP=2 and PP=2
     python benchmarks/vllm_throughput.py --layouts tp2,pp2,tp2xpp2 --max-tokens 128
 
-For each layout and backend one engine runs in its own process (vLLM spawns
-processes on CPU; engines never share one): `rayexec` (the class
-`rayexec.integrations.vllm.RayexecExecutor`), vLLM's `mp`, and vLLM's own Ray
-backends `ray` (compiled-graph executor) and `ray-v2` (VLLM_USE_RAY_V2_EXECUTOR_BACKEND=1),
-which vLLM's CPU platform refuses; their refusal is recorded, not hidden.
-`rayexec-rpc` (not run by default) is rayexec with RAYEXEC_FORWARD=rpc: steps as
-plain Ray actor calls instead of the compiled DAG.
+Backends: `rayexec` (the class `rayexec.integrations.vllm.RayexecExecutor`), vLLM's
+`mp`, and vLLM's own Ray backends `ray` (compiled-graph executor) and `ray-v2`
+(VLLM_USE_RAY_V2_EXECUTOR_BACKEND=1), which vLLM's CPU platform refuses; their
+refusal is recorded, not hidden. `rayexec-rpc` (not run by default) is rayexec with
+RAYEXEC_FORWARD=rpc: steps as plain Ray actor calls instead of the compiled DAG.
 
-Per engine: start time (the `LLM(...)` constructor), one warm-up generate (not
-measured), time to first token (a generate with max_tokens=1 over the whole batch:
-prefill plus one step) and generated tokens/s (the whole batch with greedy sampling
-and ignore_eos), each --repeats times. Every backend runs --rounds engines per layout
-in alternating order (A B, B A, ...), because on a shared machine the load drifts
-between engines; the table shows medians over all rounds and the range. Token ids
-must agree across backends and rounds; a mismatch fails the run. With PP > 1 the
+Per engine and round: one warm-up generate (not measured), time to first token (a
+generate with max_tokens=1 over the whole batch: prefill plus one step) and
+generated tokens/s (the whole batch with greedy sampling and ignore_eos), each
+--repeats times; and the engine's start time (the `LLM(...)` constructor). Rounds
+alternate the backends' order (A B, B A, ...). Two modes (vllm_engines.py):
+- `--mode interleaved` (default): per layout, one child process holds every
+  backend's engine at once, and the backends take turns, 1.5 s apart (an idle
+  engine's workers stop polling after 1 s on both backends). Turns of one round
+  are seconds apart, so they see about the same machine.
+- `--mode separate`: a new child process and engine per backend and round, one
+  after the other (minutes apart; the load of a shared machine drifts in between).
+Token ids must agree across backends and rounds; a mismatch fails the run. With PP > 1 the
 prompts are split into PP micro-batches by default (--micro-batches), so that
 every stage has a batch in flight, which is how PP serving runs; --micro-batches 1
 measures one batch going through the stages one after another.
@@ -25,7 +28,7 @@ measures one batch going through the stages one after another.
 "vs mp" divides the pooled medians; "paired" is the median over rounds of each
 round's tokens/s over mp's in the same round, with a bootstrap 90% interval over
 rounds: the load on a shared machine drifts between rounds more than between the
-two engines of one round, so the paired ratio is the sharper comparison, and the
+two turns of one round, so the paired ratio is the sharper comparison, and the
 interval says whether the rounds resolve a difference at all.
 
 Prints a table, writes results/vllm_throughput.json and ends with one JSON line.
@@ -39,139 +42,67 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable as a package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.vllm_engines import (  # noqa: E402
+    PROGRESS,
+    build_tiny_llama,
+    root_cause,
+    run_interleaved,
+    run_one,
+)
 
 BACKENDS = ("rayexec", "mp", "ray", "ray-v2", "rayexec-rpc")
 DEFAULT_BACKENDS = ("rayexec", "mp", "ray", "ray-v2")
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
-RESULT = Path(__file__).resolve().parent.parent / "results" / "vllm_throughput.json"
+MODES = ("interleaved", "separate")
+RESULT = ROOT / "results" / "vllm_throughput.json"
 CHILD_TIMEOUT_S = 900
 
 
-# ---- the model -------------------------------------------------------------------------
-def build_tiny_llama(path: Path) -> None:
-    """A random-weight 4-layer Llama (no hub access); the vLLM tests use it too."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, vocab_size=4096,
-                         max_position_embeddings=512)
-    LlamaForCausalLM(config).save_pretrained(path)
-
-
-def prompt_ids(count: int, length: int) -> list[list[int]]:
-    return [[(37 * i + 11 * j) % 4000 + 5 for j in range(length)] for i in range(count)]
-
-
-# ---- one engine (child process) ----------------------------------------------------------
-def run_child(args: argparse.Namespace) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    backend: Any = {"ray-v2": "ray"}.get(args.backend, args.backend)
-    if backend.startswith("rayexec"):
-        from rayexec.integrations.vllm import RayexecExecutor
-
-        backend = RayexecExecutor
-    # In eager mode vLLM 0.32's mp backend fails with PP > 1 on CPU (later stages
-    # lack their receive buffers), so PP layouts use one Dynamo trace run eagerly
-    # (no Inductor build) for every backend alike.
-    mode = ({"enforce_eager": True} if args.pp == 1 else
-            {"enforce_eager": False, "compilation_config": {"mode": 2, "backend": "eager"}})
-    start = time.perf_counter()
-    llm = LLM(model=args.model, skip_tokenizer_init=True, seed=0, **mode,
-              tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
-              distributed_executor_backend=backend, max_model_len=args.prompt_len +
-              args.max_tokens + 8, max_num_seqs=args.prompts,
-              **micro_batch_settings(args.prompts, args.prompt_len, args.micro_batches),
-              kv_cache_memory_bytes=64 << 20)
-    start_s = time.perf_counter() - start
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids(args.prompts,
-                                                                     args.prompt_len)]
-
-    def generate(max_tokens: int) -> tuple[float, list[list[int]]]:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outputs]
-
-    generate(args.max_tokens)  # warm-up, not measured
-    ttft = [generate(1)[0] for _ in range(args.repeats)]
-    runs = [generate(args.max_tokens) for _ in range(args.repeats)]
-    tokens = sum(len(t) for t in runs[-1][1])
-    llm.llm_engine.engine_core.shutdown()
-    return {"start_s": start_s, "ttft_s": ttft, "tokens_per_s": [tokens / s for s, _ in runs],
-            "generated_tokens": tokens, "token_ids": runs[-1][1],
-            "load_avg_1min": os.getloadavg()[0]}
-
-
-def micro_batch_settings(prompts: int, prompt_len: int, micro_batches: int) -> dict[str, int]:
-    """vLLM engine settings that split `prompts` prompts of `prompt_len` tokens into
-    `micro_batches` batches (the vLLM tests use this too).
-
-    vLLM keeps up to PP batches in flight, but a request already in flight is not
-    scheduled again, so one batch of every request leaves all but one stage idle.
-    A token budget of one micro-batch's prompts splits the prefill into
-    `micro_batches` batches of prompts / micro_batches requests; decode then keeps
-    them apart (each batch is rescheduled when its own step returns), so with
-    micro_batches = PP every stage has a batch to work on, as PP serving runs."""
-    if micro_batches <= 1:
-        return {}
-    per_batch = -(-prompts // micro_batches)
-    return {"max_num_batched_tokens": per_batch * prompt_len}
-
-
-# ---- the comparison (parent process) --------------------------------------------------
-def child_env(backend: str, world_size: int) -> dict[str, str]:
-    env = dict(os.environ)
-    # A fresh local Ray for each engine, never a cluster that happens to run here;
-    # such a Ray has the machine's CPUs, so CPU workers book half of one each.
-    env.setdefault("RAY_ADDRESS", "local")
-    env.setdefault("RAYEXEC_NUM_DEVICES_PER_WORKER", "0.5")
-    env.pop("VLLM_USE_RAY_V2_EXECUTOR_BACKEND", None)
-    if backend == "ray-v2":
-        env["VLLM_USE_RAY_V2_EXECUTOR_BACKEND"] = "1"
-    if backend == "rayexec-rpc":  # steps as plain Ray actor calls instead of the DAG
-        env["RAYEXEC_FORWARD"] = "rpc"
-    if backend == "mp" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = mp_thread_bind(world_size)
-    return env
-
-
-def mp_thread_bind(world_size: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for vLLM's mp backend, which needs one core list per
-    local worker with TP or PP > 1: round-robin over this process's cores."""
-    cores = sorted(os.sched_getaffinity(0))
-    return "|".join(str(cores[i % len(cores)]) for i in range(world_size))
-
-
-def run_engine(args: argparse.Namespace, model: Path, backend: str, tp: int,
-               pp: int) -> dict[str, Any]:
+# ---- running engines ------------------------------------------------------------------
+def run_child_process(args: argparse.Namespace, model: Path, tp: int, pp: int,
+                      backends: list[str], rounds: int) -> dict[str, Any]:
+    """This script as a child (--child): run_one for one backend, or run_interleaved
+    for several. Its result, or {"status": "failed" | "timeout", "error"}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--child", "--backend", backend, "--model", str(model),
-               "--tp", str(tp), "--pp", str(pp), "--out", str(out)] + [
+        cmd = [sys.executable, __file__, "--child", "--model", str(model),
+               f"--layouts={layout_name(tp, pp)}", f"--backends={','.join(backends)}",
+               f"--rounds={rounds}", f"--mode={args.mode}", "--out", str(out)] + [
             f"--{k.replace('_', '-')}={getattr(args, k)}"
             for k in ("prompts", "prompt_len", "max_tokens", "repeats")] + [
             f"--micro-batches={args.micro_batches or pp}"]  # default: a batch per stage
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=child_env(backend, tp * pp), capture_output=True,
-                                  text=True, timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return {"status": "timeout", "error": f"no result within {CHILD_TIMEOUT_S}s"}
-        if proc.returncode == 0 and out.exists():
+        timeout = CHILD_TIMEOUT_S * rounds * len(backends)
+        with open(Path(tmp) / "stderr.txt", "w+") as stderr:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+            try:
+                for line in proc.stdout:  # vLLM's logs; only the progress lines are shown
+                    if line.startswith(PROGRESS):
+                        print(line[len(PROGRESS):], end="", flush=True)
+                code = proc.wait()
+            finally:
+                timer.cancel()
+            stderr.seek(0)
+            errors = stderr.read()
+        if code == 0 and out.exists():
             return {"status": "ok", **json.loads(out.read_text())}
-        return {"status": "failed", "wall_s": time.perf_counter() - t0,
-                "error": _root_cause(proc.stderr)}
+        if code == -signal.SIGKILL:
+            return {"status": "timeout", "error": f"no result within {timeout}s"}
+        return {"status": "failed", "error": root_cause(errors)}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -200,10 +131,10 @@ def layout_name(tp: int, pp: int) -> str:
     return next(name for name, shape in LAYOUTS.items() if shape == (tp, pp))
 
 
-def run_layout(args: argparse.Namespace, model: Path, tp: int, pp: int) -> dict[str, Any]:
-    """Every backend, `rounds` times, alternating the order (A B, B A, ...) so that
-    a change in the machine's load hits the backends alike. A backend that fails
-    (vLLM's Ray backends on CPU) is not retried."""
+def runs_separate(args: argparse.Namespace, model: Path, tp: int, pp: int
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """A new engine per backend and round, alternating the order (A B, B A, ...). A
+    backend that fails (vLLM's Ray backends on CPU) is not retried."""
     runs: dict[str, list[dict[str, Any]]] = {b: [] for b in args.backends}
     for round_index in range(args.rounds):
         order = args.backends if round_index % 2 == 0 else list(reversed(args.backends))
@@ -212,13 +143,39 @@ def run_layout(args: argparse.Namespace, model: Path, tp: int, pp: int) -> dict[
                 continue
             print(f"[{layout_name(tp, pp)} round {round_index + 1}/{args.rounds}] {backend}: "
                   "starting an engine ...", flush=True)
-            run = run_engine(args, model, backend, tp, pp)
+            run = run_child_process(args, model, tp, pp, [backend], 1)
             runs[backend].append(run)
             if run["status"] == "ok":
                 print(f"  {statistics.median(run['tokens_per_s']):.0f} tok/s, start "
                       f"{run['start_s']:.1f} s", flush=True)
             else:
                 print(f"  {run['status']}: {run['error'][:120]}", flush=True)
+    return runs
+
+
+def runs_interleaved(args: argparse.Namespace, model: Path, tp: int, pp: int
+                     ) -> dict[str, list[dict[str, Any]]]:
+    """Every backend's engine in one child process, taking turns round by round; the
+    same per-round records as runs_separate (start_s repeated in each)."""
+    print(f"[{layout_name(tp, pp)}] starting {', '.join(args.backends)} in one process, "
+          f"{args.rounds} rounds ...", flush=True)
+    child = run_child_process(args, model, tp, pp, args.backends, args.rounds)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for backend in args.backends:
+        got = child.get(backend, child)  # a failed child fails every backend
+        if got.get("status") != "ok":
+            runs[backend] = [{"status": got.get("status", "failed"),
+                              "error": got.get("error", "no result")}]
+            continue
+        runs[backend] = [{"status": "ok", "start_s": got["start_s"], **r} for r in got["rounds"]]
+    return runs
+
+
+def run_layout(args: argparse.Namespace, model: Path, tp: int, pp: int) -> dict[str, Any]:
+    """Every backend, `rounds` times, in the chosen mode; one summary row per backend,
+    with the paired ratio against mp."""
+    runs = (runs_interleaved if args.mode == "interleaved" else runs_separate)(
+        args, model, tp, pp)
     summary = {b: summarize(r) for b, r in runs.items()}
     if "mp" in runs:
         for backend, rows in runs.items():
@@ -243,16 +200,6 @@ def paired_ratio(runs: list[dict[str, Any]], baseline: list[dict[str, Any]],
                      for _ in range(resamples))
     return {"by_round": ratios, "median": statistics.median(ratios),
             "ci90": [medians[int(0.05 * resamples)], medians[int(0.95 * resamples) - 1]]}
-
-
-def _root_cause(stderr: str) -> str:
-    """The most telling error line of a failed engine's output."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for marker in ("ValueError:", "NotImplementedError:", "RuntimeError:", "Error:"):
-        hits = [line for line in lines if marker in line]
-        if hits:
-            return hits[0][-400:]
-    return lines[-1][-400:] if lines else "no output"
 
 
 def compare_tokens(results: dict[str, dict[str, Any]]) -> bool | None:
@@ -300,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "python": platform.python_version()},
             "versions": versions(),
             "settings": {k: getattr(args, k) for k in
-                         ("prompts", "prompt_len", "max_tokens", "repeats", "rounds")}
+                         ("mode", "prompts", "prompt_len", "max_tokens", "repeats", "rounds")}
             | {"micro_batches": args.micro_batches or "PP size"},
             "model": args.model or "tiny random Llama (4 layers, hidden 256, vocab 4096)",
             "layouts": {},
@@ -346,12 +293,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="batches the prompts are split into (default: the layout's PP "
                              "size, so that every pipeline stage has one; 1: one batch)")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="engines per backend and layout, in alternating order")
+                        help="rounds per layout; in each, every backend in turn")
+    parser.add_argument("--mode", default="interleaved", choices=MODES,
+                        help="interleaved: every backend's engine in one process, taking "
+                             "turns; separate: a new process and engine per backend and round")
     parser.add_argument("--out", default=str(RESULT))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--backend", default="rayexec", help=argparse.SUPPRESS)
-    parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     bad = [x for x in args.layouts if x not in LAYOUTS] + [
         x for x in args.backends if x not in BACKENDS]
@@ -363,8 +310,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child:
-        Path(args.out).write_text(json.dumps(run_child(args)))
+    if args.child:  # one layout; one backend (separate) or all of them (interleaved)
+        args.tp, args.pp = LAYOUTS[args.layouts[0]]
+        args.backend = args.backends[0]
+        result = run_interleaved(args) if args.mode == "interleaved" else run_one(args)
+        Path(args.out).write_text(json.dumps(result))
         return 0
     doc = run(args)
     print(table(doc))

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.vllm_throughput import micro_batch_settings, prompt_ids  # noqa: E402
+from benchmarks.vllm_engines import micro_batch_settings, prompt_ids  # noqa: E402
 
 # Greedy decoding from fixed token-id prompts: the same on every backend.
 PROMPT_LEN = 12

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.vllm_throughput import build_tiny_llama, mp_thread_bind
+from benchmarks.vllm_engines import build_tiny_llama, mp_thread_bind
 
 pytestmark = pytest.mark.vllm
 
