@@ -17,6 +17,10 @@ that were not there before the engine started.
 `--micro-batches N` splits the prompts into N batches (with PP, N steps of real
 work are then in flight at once).
 
+`--idle-check` sits idle after the first generate (IDLE_SETTLE_S, then
+IDLE_MEASURE_S), records the CPU the worker processes used in the second part
+(`idle_worker_cores`, one per worker) and generates again (`token_ids_after_idle`).
+
 `--kill-rank R` checks failure handling instead of generation: after one normal
 generate, it kills worker R's process with SIGKILL while no request runs, records
 whether (and after how long) the engine declared itself dead without being asked,
@@ -41,6 +45,8 @@ from benchmarks.vllm_engines import micro_batch_settings, prompt_ids  # noqa: E4
 
 # Greedy decoding from fixed token-id prompts: the same on every backend.
 PROMPT_LEN = 12
+IDLE_SETTLE_S = 2.0  # both backends' workers stop polling after 1 s idle
+IDLE_MEASURE_S = 1.0
 
 
 def worker_pid(worker) -> int:
@@ -117,6 +123,18 @@ def generate(llm, count: int, max_tokens: int) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+def idle_worker_cores(llm) -> list[float]:
+    """Cores each worker process uses while the engine has nothing to do."""
+    import psutil
+
+    procs = [psutil.Process(p) for p in llm.collective_rpc(worker_pid)]
+    time.sleep(IDLE_SETTLE_S)
+    before = [sum(p.cpu_times()[:2]) for p in procs]
+    time.sleep(IDLE_MEASURE_S)
+    return [round((sum(p.cpu_times()[:2]) - b) / IDLE_MEASURE_S, 3)
+            for p, b in zip(procs, before)]
+
+
 def kill_and_watch(llm, rank: int, count: int, max_tokens: int, wait_s: float) -> dict:
     pids = llm.collective_rpc(worker_pid)
     resources = llm.llm_engine.engine_core.resources
@@ -146,6 +164,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="split the prompts into this many batches (PP: one per stage)")
+    parser.add_argument("--idle-check", action="store_true")
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--wait-s", type=float, default=60.0)
     parser.add_argument("--out", required=True)
@@ -161,6 +180,9 @@ def main() -> None:
     result["start_s"] = round(time.monotonic() - start, 2)
     result["token_ids"] = generate(llm, args.prompts, args.max_tokens)
     family = sorted({p for ps in llm.collective_rpc(worker_process_family) for p in ps})
+    if args.idle_check:
+        result["idle_worker_cores"] = idle_worker_cores(llm)
+        result["token_ids_after_idle"] = generate(llm, args.prompts, args.max_tokens)
     if args.kill_rank is not None:
         result["kill"] = kill_and_watch(llm, args.kill_rank, args.prompts, args.max_tokens,
                                         args.wait_s)

@@ -54,7 +54,7 @@ def run_engine(model: Path, out_dir: Path, backend: str, tp: int, pp: int,
            "--prompts", str(PROMPTS), "--max-tokens", str(MAX_TOKENS), "--out", str(out),
            # With PP, one batch per stage: PP steps of real work in flight at once,
            # whose results must come back in submission order.
-           "--micro-batches", str(pp), *extra]
+           "--micro-batches", str(pp), *extra] + (["--idle-check"] if backend == "rayexec" else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                           timeout=ENGINE_TIMEOUT_S)
     assert proc.returncode == 0 and out.exists(), (
@@ -87,6 +87,10 @@ def test_rayexec_generates_the_same_tokens_as_vllm_mp(tiny_llama, tmp_path, requ
 
     assert [len(t) for t in reference["token_ids"]] == [MAX_TOKENS] * PROMPTS
     assert ours["token_ids"] == reference["token_ids"]
+    # Idle, rayexec's workers sleep (parked) instead of polling Ray's channels, and
+    # the first generate after the pause wakes them with the same tokens.
+    assert max(ours["idle_worker_cores"]) < 0.2, ours["idle_worker_cores"]
+    assert ours["token_ids_after_idle"] == reference["token_ids"]
     # Workers, their raylet and Ray's agents are gone once the engine shut down,
     # and so is the shared memory of vLLM's groups (a later engine that drew the
     # same port could not start otherwise).
