@@ -187,7 +187,8 @@ class RayDistributedExecutor:
             grid = self._group.topology.grid(self._group.actors)
             self._parts.dag = ForwardDag(grid, self.transport, self.config.overlap_comm,
                                          submit_timeout_s=self.config.execute_timeout_s)
-            if self.config.idle_park_s is not None and self._parts.idle_timer is None:
+            timer = self._parts.idle_timer
+            if self.config.idle_park_s is not None and (timer is None or not timer.is_alive()):
                 park_if_idle = weakref.WeakMethod(self._park_if_idle)
                 self._parts.idle_timer = IdleTimer(lambda: (park_if_idle() or _none)())
                 self._parts.idle_timer.start()
@@ -314,17 +315,25 @@ class RayDistributedExecutor:
             return idle_s
         try:
             dag = self._parts.dag
-            if len(steps) or dag is None or self._parts.parked or not self._serving.is_set():
+            if (len(steps) or dag is None or self._parts.parked or self._dead
+                    or not self._serving.is_set()):
                 self._last_busy = time.monotonic()
                 return idle_s
             wait = self._last_busy + idle_s - time.monotonic()
             if wait > 0:
                 return wait
             self._park_id += 1
-            for index in range(self.config.pipeline_parallel_size):
-                step = pack_step(self._step_id, Park(self._park_id, index))
-                self._parts.park_refs.extend(dag.execute(step))
-            self._parts.parked = self._park_id
+            try:
+                for index in range(self.config.pipeline_parallel_size):
+                    step = pack_step(self._step_id, Park(self._park_id, index))
+                    self._parts.park_refs.extend(dag.execute(step))
+            except (RayChannelError, RayChannelTimeoutError) as e:
+                # A worker died and Ray closed the graph; the death is reported by
+                # the monitor, and a restart builds a new graph (and parks it).
+                logger.debug("not parking: %r", e)
+                self._last_busy = time.monotonic()
+            if self._parts.park_refs:  # also a partial park: woken and read as usual
+                self._parts.parked = self._park_id
             logger.debug("idle for %gs: parked the workers (park %d)", idle_s, self._park_id)
             return idle_s
         finally:

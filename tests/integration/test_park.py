@@ -112,3 +112,18 @@ def test_death_while_parked_is_named_and_restart_replaces_only_the_dead_rank(loc
         # caught mid-step and replaced with the dead one.
         assert ex.restart_failed_workers() == [1]
         assert ex.execute_model({"x": [3.0]})["h"].item() == expected([3.0]).item()
+
+
+def test_parking_resumes_after_a_death_and_restart(local_ray, no_leaks):
+    with RayDistributedExecutor(config()) as ex:
+        ex.execute_model({"x": [1.0]})
+        died = threading.Event()
+        ex.register_failure_callback(lambda err: died.set())
+        ray.kill(ex.workers[3])  # before the workers park
+        assert died.wait(30)
+        time.sleep(4 * IDLE_S)  # idle with a dead rank: nothing to park
+        assert ex.restart_failed_workers() == [3]
+        assert ex.execute_model({"x": [2.0]})["h"].item() == expected([2.0]).item()
+        # The rebuilt graph's workers park too.
+        assert wait_until(lambda: all(parked(ex)), timeout_s=10), parked(ex)
+        assert ex.execute_model({"x": [3.0]})["h"].item() == expected([3.0]).item()
