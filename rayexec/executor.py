@@ -316,7 +316,7 @@ class RayDistributedExecutor:
         try:
             dag = self._parts.dag
             if (len(steps) or dag is None or self._parts.parked or self._dead
-                    or not self._serving.is_set()):
+                    or self._closed or not self._serving.is_set()):
                 self._last_busy = time.monotonic()
                 return idle_s
             wait = self._last_busy + idle_s - time.monotonic()
@@ -334,7 +334,8 @@ class RayDistributedExecutor:
                 self._last_busy = time.monotonic()
             if self._parts.park_refs:  # also a partial park: woken and read as usual
                 self._parts.parked = self._park_id
-            logger.debug("idle for %gs: parked the workers (park %d)", idle_s, self._park_id)
+                logger.debug("idle for %gs: parked the workers (park %d)", idle_s,
+                             self._park_id)
             return idle_s
         finally:
             steps.lock.release()
