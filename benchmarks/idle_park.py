@@ -13,7 +13,8 @@ cores the workers used while idle (summed over workers; "settled" leaves out the
 first SETTLE_S, in which a parking executor still polls), the median warm step
 and the median first step after idle.
 
-Prints a table, writes results/idle_park.json and ends with one JSON line.
+Prints a table, writes results/idle_park.json and ends with one JSON line. Needs
+psutil (in the test extra: pip install -e '.[test]').
 Not here: per-step overhead under load (pp_tp_latency.py).
 """
 
@@ -45,8 +46,13 @@ PARK_AFTER_S = 0.5
 SETTLE_S = 1.0
 
 
+def cpu_seconds(pids: list[int]) -> list[float]:
+    """CPU time (user + system) each process has used so far (the tests use it too)."""
+    return [sum(psutil.Process(p).cpu_times()[:2]) for p in pids]
+
+
 def worker_cpu_seconds(pids: list[int]) -> float:
-    return sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids)
+    return sum(cpu_seconds(pids))
 
 
 def timed_step(ex: RayDistributedExecutor) -> float:

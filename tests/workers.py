@@ -80,6 +80,16 @@ class RecordingWorker:
         return {"h": h, "path": [*path, self.rank], "big": big}
 
 
+def expected(x, pp=2):
+    """RecordingWorker's output "h" for input x after `pp` stages."""
+    import torch
+
+    h = torch.tensor(x, dtype=torch.float32)
+    for pp_rank in range(pp):
+        h = h * (pp_rank + 2) + 1
+    return h
+
+
 class BrokenInitWorker(RecordingWorker):
     """Raises in __init__ on rank 1."""
 

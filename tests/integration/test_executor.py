@@ -20,7 +20,7 @@ from rayexec import (
     WorkerError,
 )
 from tests.helpers import assert_no_leaks, cluster_snapshot
-from tests.workers import RecordingWorker
+from tests.workers import RecordingWorker, expected
 
 
 def config(**kw):
@@ -107,13 +107,6 @@ def test_worker_exception_arrives_as_worker_error_and_executor_stays_usable(ex):
     assert e.node_ip == ex.layout[2].node_ip
     assert "raise ValueError(message)" in e.traceback
     assert ex.collective_rpc("echo", args=(2,)) == [2] * 4
-
-
-def expected(x, pp=2):
-    h = torch.tensor(x, dtype=torch.float32)
-    for stage in range(pp):
-        h = h * (stage + 2) + 1
-    return h
 
 
 def test_execute_model_through_the_dag(ex):

@@ -7,14 +7,13 @@ from __future__ import annotations
 import threading
 import time
 
-import psutil
 import pytest
 import ray
-import torch
 
+from benchmarks.idle_park import cpu_seconds
 from rayexec import ExecutorConfig, RayDistributedExecutor, WorkerDiedError
 from tests.helpers import wait_until
-from tests.workers import RecordingWorker
+from tests.workers import RecordingWorker, expected
 
 IDLE_S = 0.3
 
@@ -25,27 +24,16 @@ def config(**kw):
     return ExecutorConfig(**{**base, **kw})
 
 
-def expected(x, pp=2):
-    h = torch.tensor(x, dtype=torch.float32)
-    for pp_rank in range(pp):
-        h = h * (pp_rank + 2) + 1
-    return h
-
-
 def parked(ex) -> list[bool]:
     return ray.get([w.is_parked.remote() for w in ex.workers])
 
 
-def worker_cpu_seconds(ex) -> list[float]:
-    """CPU time used so far by each worker's process (all on this machine)."""
-    pids = ex.collective_rpc(lambda w: __import__("os").getpid())
-    return [sum(psutil.Process(p).cpu_times()[:2]) for p in pids]
-
-
 def cores_used(ex, seconds: float) -> list[float]:
-    before = worker_cpu_seconds(ex)
+    """Cores each worker's process (all on this machine) uses over `seconds`."""
+    pids = ex.collective_rpc(lambda w: __import__("os").getpid())
+    before = cpu_seconds(pids)
     time.sleep(seconds)
-    return [(b - a) / seconds for a, b in zip(before, worker_cpu_seconds(ex))]
+    return [(b - a) / seconds for a, b in zip(before, cpu_seconds(pids))]
 
 
 @pytest.mark.parametrize("pp,tp", [(2, 2), (1, 2), (4, 1)])

@@ -125,14 +125,13 @@ def generate(llm, count: int, max_tokens: int) -> list[list[int]]:
 
 def idle_worker_cores(llm) -> list[float]:
     """Cores each worker process uses while the engine has nothing to do."""
-    import psutil
+    from benchmarks.idle_park import cpu_seconds
 
-    procs = [psutil.Process(p) for p in llm.collective_rpc(worker_pid)]
+    pids = llm.collective_rpc(worker_pid)
     time.sleep(IDLE_SETTLE_S)
-    before = [sum(p.cpu_times()[:2]) for p in procs]
+    before = cpu_seconds(pids)
     time.sleep(IDLE_MEASURE_S)
-    return [round((sum(p.cpu_times()[:2]) - b) / IDLE_MEASURE_S, 3)
-            for p, b in zip(procs, before)]
+    return [round((after - b) / IDLE_MEASURE_S, 3) for after, b in zip(cpu_seconds(pids), before)]
 
 
 def kill_and_watch(llm, rank: int, count: int, max_tokens: int, wait_s: float) -> dict:
