@@ -17,7 +17,10 @@ alternate the backends' order (A B, B A, ...). Two modes (vllm_engines.py):
 - `--mode interleaved` (default): per layout, one child process holds every
   backend's engine at once, and the backends take turns, 1.5 s apart (an idle
   engine's workers stop polling after 1 s on both backends). Turns of one round
-  are seconds apart, so they see about the same machine.
+  are seconds apart, so they see about the same machine. `--engines N` splits the
+  rounds over N such processes one after the other, each starting fresh engines:
+  runs on this machine differ more from one engine start to the next than between
+  rounds of one start, and one set of engines alone would hide that.
 - `--mode separate`: a new child process and engine per backend and round, one
   after the other (minutes apart; the load of a shared machine drifts in between).
 Token ids must agree across backends and rounds; a mismatch fails the run. With PP > 1 the
@@ -156,19 +159,37 @@ def runs_separate(args: argparse.Namespace, model: Path, tp: int, pp: int
 def runs_interleaved(args: argparse.Namespace, model: Path, tp: int, pp: int
                      ) -> dict[str, list[dict[str, Any]]]:
     """Every backend's engine in one child process, taking turns round by round; the
-    same per-round records as runs_separate (start_s repeated in each)."""
-    print(f"[{layout_name(tp, pp)}] starting {', '.join(args.backends)} in one process, "
-          f"{args.rounds} rounds ...", flush=True)
-    child = run_child_process(args, model, tp, pp, args.backends, args.rounds)
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for backend in args.backends:
-        got = child.get(backend, child)  # a failed child fails every backend
-        if got.get("status") != "ok":
-            runs[backend] = [{"status": got.get("status", "failed"),
-                              "error": got.get("error", "no result")}]
-            continue
-        runs[backend] = [{"status": "ok", "start_s": got["start_s"], **r} for r in got["rounds"]]
+    same per-round records as runs_separate (start_s repeated in each), each tagged
+    with its `engine` set. With --engines N the rounds are split over N child
+    processes one after the other, each starting fresh engines: how an engine
+    happens to start (where its processes land, what else runs) differs from one
+    start to the next, and one set of engines alone would hide that."""
+    runs: dict[str, list[dict[str, Any]]] = {b: [] for b in args.backends}
+    backends = list(args.backends)
+    for engine_set, rounds in enumerate(split_rounds(args.rounds, args.engines)):
+        print(f"[{layout_name(tp, pp)}] engine set {engine_set + 1}/{args.engines}: "
+              f"starting {', '.join(backends)} in one process, {rounds} rounds ...", flush=True)
+        child = run_child_process(args, model, tp, pp, backends, rounds)
+        for backend in list(backends):
+            got = child.get(backend, child)  # a failed child fails every backend
+            if got.get("status") != "ok":
+                runs[backend].append({"status": got.get("status", "failed"),
+                                      "error": got.get("error", "no result"),
+                                      "engine": engine_set})
+                if got.get("status") == "failed" and backend in child:
+                    backends.remove(backend)  # refused (vLLM's Ray backends): not retried
+                continue
+            runs[backend] += [{"status": "ok", "start_s": got["start_s"], "engine": engine_set,
+                               "round": i, **r} for i, r in enumerate(got["rounds"])]
+        if not backends:
+            break
     return runs
+
+
+def split_rounds(rounds: int, engines: int) -> list[int]:
+    """`rounds` split as evenly as possible over `engines` engine sets (none empty)."""
+    engines = max(1, min(engines, rounds))
+    return [rounds // engines + (i < rounds % engines) for i in range(engines)]
 
 
 def run_layout(args: argparse.Namespace, model: Path, tp: int, pp: int) -> dict[str, Any]:
@@ -188,17 +209,33 @@ def paired_ratio(runs: list[dict[str, Any]], baseline: list[dict[str, Any]],
                  resamples: int = 2000) -> dict[str, Any]:
     """tokens/s over the baseline's, round by round (each round's two engines ran
     one after the other, so they saw about the same machine), with the median over
-    rounds and a bootstrap 90% interval of that median (resampling rounds). The
-    interval says what the rounds can resolve: "at least the baseline" is shown only
-    when its lower end is at least 1."""
-    ratios = [statistics.median(r["tokens_per_s"]) / statistics.median(b["tokens_per_s"])
-              for r, b in zip(runs, baseline) if r["status"] == b["status"] == "ok"]
+    rounds and a bootstrap 90% interval of that median. The bootstrap resamples
+    engine sets first and rounds within each (a two-level bootstrap), so the interval
+    includes how much engine starts differ, not only rounds of one start; with one
+    engine set it resamples rounds. "At least the baseline" is shown only when the
+    interval's lower end is at least 1."""
+    def key(i: int, r: dict[str, Any]) -> tuple[int, int]:  # the turn's engine set and round
+        return r.get("engine", 0), r.get("round", i)
+
+    base = {key(i, b): b for i, b in enumerate(baseline) if b["status"] == "ok"}
+    by_engine: dict[int, list[float]] = {}
+    for i, r in enumerate(runs):
+        b = base.get(key(i, r))
+        if r["status"] == "ok" and b is not None:
+            ratio = statistics.median(r["tokens_per_s"]) / statistics.median(b["tokens_per_s"])
+            by_engine.setdefault(key(i, r)[0], []).append(ratio)
+    ratios = [x for group in by_engine.values() for x in group]
     if not ratios:
         return {"by_round": []}
     rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios)))
-                     for _ in range(resamples))
+    groups = list(by_engine.values())
+    medians = []
+    for _ in range(resamples):
+        sample = [x for g in rng.choices(groups, k=len(groups)) for x in rng.choices(g, k=len(g))]
+        medians.append(statistics.median(sample))
+    medians.sort()
     return {"by_round": ratios, "median": statistics.median(ratios),
+            "by_engine_set": [statistics.median(g) for g in groups],
             "ci90": [medians[int(0.05 * resamples)], medians[int(0.95 * resamples) - 1]]}
 
 
@@ -229,6 +266,9 @@ def table(doc: dict[str, Any]) -> str:
             paired = r.get("vs_mp", {})
             paired_text = (f"{paired['median']:.2f} ({paired['ci90'][0]:.2f}-"
                            f"{paired['ci90'][1]:.2f})" if "median" in paired else "-")
+            if len(paired.get("by_engine_set", [])) > 1:
+                rounds = "engine sets " + " ".join(
+                    f"{x:.2f}" for x in paired["by_engine_set"]) + " | " + rounds
             lines.append(f"{layout:<8} {name:<11} {r['start_s']:>8.1f} {r['ttft_s'] * 1e3:>8.1f} "
                          f"{r['tokens_per_s']:>8.0f} {spread:>14} {ratio:>6} {paired_text:>18}  "
                          f"{rounds}")
@@ -247,7 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "python": platform.python_version()},
             "versions": versions(),
             "settings": {k: getattr(args, k) for k in
-                         ("mode", "prompts", "prompt_len", "max_tokens", "repeats", "rounds")}
+                         ("mode", "prompts", "prompt_len", "max_tokens", "repeats", "rounds",
+                          "engines")}
             | {"micro_batches": args.micro_batches or "PP size"},
             "model": args.model or "tiny random Llama (4 layers, hidden 256, vocab 4096)",
             "layouts": {},
@@ -273,6 +314,12 @@ def versions() -> dict[str, str | None]:
             found[name] = version(name)
         except PackageNotFoundError:
             found[name] = None
+    try:  # which rayexec was measured, when run from a checkout
+        found["git_commit"] = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+            text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        found["git_commit"] = None
     return found
 
 
@@ -294,6 +341,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "size, so that every pipeline stage has one; 1: one batch)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds per layout; in each, every backend in turn")
+    parser.add_argument("--engines", type=int, default=1,
+                        help="interleaved mode: split the rounds over this many engine sets, "
+                             "each started fresh (the interval then includes how engine "
+                             "starts differ)")
     parser.add_argument("--mode", default="interleaved", choices=MODES,
                         help="interleaved: every backend's engine in one process, taking "
                              "turns; separate: a new process and engine per backend and round")

@@ -196,3 +196,28 @@ def test_the_throughput_benchmark_pairs_rounds_and_says_what_they_resolve():
         "rayexec": summarize(ours) | {"vs_mp": paired}, "mp": summarize(mp)}}}}
     text = table(doc)
     assert "paired (90% CI)" in text and "1.20 (" in text
+
+
+def test_the_throughput_benchmark_pairs_turns_within_engine_sets_and_resamples_the_sets():
+    from benchmarks.vllm_throughput import paired_ratio, split_rounds, table
+
+    def ok(rate: float, engine: int, round_index: int) -> dict:
+        return {"status": "ok", "tokens_per_s": [rate], "engine": engine, "round": round_index}
+    # Two fresh starts of both engines: ours is ahead in the first, behind in the second.
+    ours = [ok(110, 0, i) for i in range(4)] + [ok(95, 1, i) for i in range(4)]
+    mp = [ok(100, 0, i) for i in range(4)] + [ok(100, 1, i) for i in (0, 1, 3)]  # one missing
+    paired = paired_ratio(ours, mp)
+    assert paired["by_round"] == pytest.approx([1.1] * 4 + [0.95] * 3)  # paired by (set, round)
+    assert paired["by_engine_set"] == pytest.approx([1.1, 0.95])
+    # A quarter of the resamples draw the second set twice: the interval reaches 0.95,
+    # so one good engine start cannot pass for "at least mp".
+    assert paired["ci90"] == pytest.approx([0.95, 1.1])
+    doc = {"layouts": {"tp2": {"tokens_agree": True, "backends": {"rayexec": {
+        "tokens_per_s": 100.0, "tokens_per_s_min": 95, "tokens_per_s_max": 110,
+        "tokens_per_s_by_round": [110, 95], "ttft_s": 0.01, "start_s": 1.0, "vs_mp": paired}}}}}
+    assert "engine sets 1.10 0.95" in table(doc)
+
+    assert split_rounds(30, 3) == [10, 10, 10]
+    assert split_rounds(10, 3) == [4, 3, 3]
+    assert split_rounds(2, 5) == [1, 1]  # never an engine set without rounds
+    assert split_rounds(4, 0) == [4]
