@@ -30,9 +30,10 @@ measures one batch going through the stages one after another.
 
 "vs mp" divides the pooled medians; "paired" is the median over rounds of each
 round's tokens/s over mp's in the same round, with a bootstrap 90% interval
-(engine sets resampled first, then rounds within each): the load on a shared machine drifts between rounds more than between the
-two turns of one round, so the paired ratio is the sharper comparison, and the
-interval says whether the rounds resolve a difference at all.
+(engine sets resampled first, then rounds within each): the load on a shared
+machine drifts between rounds more than between the two turns of one round, so the
+paired ratio is the sharper comparison, and the interval says whether the rounds
+resolve a difference at all.
 
 Prints a table, writes results/vllm_throughput.json and ends with one JSON line.
 Not here: accuracy, serving latency under load (`vllm bench serve` does that).
