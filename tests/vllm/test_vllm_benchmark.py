@@ -29,7 +29,7 @@ def test_the_throughput_benchmark_runs_two_engine_starts_and_pairs_their_rounds(
     assert "engine set 2/2" in proc.stdout and "engine sets" in proc.stdout  # the table says so
 
     doc = json.loads(out.read_text())
-    assert doc["settings"]["engines"] == 2 and doc["versions"]["git_commit"]
+    assert doc["settings"]["engines"] == 2 and "git_commit" in doc["versions"]
     row = doc["layouts"]["tp2"]
     assert row["tokens_agree"] is True
     rayexec, mp = row["backends"]["rayexec"], row["backends"]["mp"]
