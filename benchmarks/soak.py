@@ -69,7 +69,7 @@ def live_counts() -> dict[str, int]:
     from ray._private import state
 
     actors = sum(1 for a in state.actors().values()
-                 if a["ActorClassName"] == "WorkerWrapper" and a["State"] != "DEAD")
+                 if a["ActorClassName"] == "RankActor" and a["State"] != "DEAD")
     groups = sum(1 for g in ray.util.placement_group_table().values()
                  if g["state"] != "REMOVED")
     return {"actors": actors, "placement_groups": groups}

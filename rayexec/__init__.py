@@ -15,15 +15,26 @@ from rayexec.errors import (
     WorkerError,
 )
 from rayexec.executor import RayDistributedExecutor
+from rayexec.group import WorkerGroup
+from rayexec.redistribute import Plan, Tracker, plan_broadcast, plan_gather_scatter
+from rayexec.resources import ResourceConfig
+from rayexec.transfer import execute_plan
 
 __all__ = [
     "ExecutorClosedError",
     "ExecutorConfig",
     "ExecutorTimeoutError",
     "PlacementError",
+    "Plan",
     "RayDistributedExecutor",
     "RayExecError",
+    "ResourceConfig",
+    "Tracker",
     "WorkerDiedError",
     "WorkerError",
+    "WorkerGroup",
+    "execute_plan",
+    "plan_broadcast",
+    "plan_gather_scatter",
 ]
 __version__ = "0.1.0"

@@ -102,7 +102,7 @@ class ForwardDag:
             outputs: list[Any] = [step_input] * len(grid[0])
             outputs_by_stage = []
             for pp_rank, stage in enumerate(grid):
-                outputs = [w.execute_model_dag.bind(x) for w, x in zip(stage, outputs)]
+                outputs = [w.run_step.bind(x) for w, x in zip(stage, outputs)]
                 if pp_rank < len(grid) - 1:
                     outputs = [o.with_tensor_transport(transport=transport) for o in outputs]
                 outputs_by_stage.append(outputs)

@@ -35,6 +35,7 @@ from ray.exceptions import (
     RayTaskError,
 )
 
+from rayexec.actor import import_worker_cls, pack_step
 from rayexec.config import ExecutorConfig
 from rayexec.dag import ForwardDag, check_compiled_graphs, resolve_transport
 from rayexec.errors import (
@@ -49,7 +50,6 @@ from rayexec.monitor import DeathMonitor
 from rayexec.park import IdleTimer, Park
 from rayexec.placement import ensure_ray
 from rayexec.platform import Platform, resolve_platform
-from rayexec.worker import import_worker_cls, pack_step
 
 logger = logging.getLogger(__name__)
 
@@ -343,9 +343,9 @@ class RayDistributedExecutor:
     def _submit_rpc(self, step: int, batch: Any) -> list[ray.ObjectRef]:
         grid = self.pp_tp_workers
         packed = pack_step(step, batch)
-        refs = [w.execute_model_dag.remote(packed) for w in grid[0]]
+        refs = [w.run_step.remote(packed) for w in grid[0]]
         for stage in grid[1:]:
-            refs = [w.execute_model_dag.remote(r) for w, r in zip(stage, refs)]
+            refs = [w.run_step.remote(r) for w, r in zip(stage, refs)]
         return refs
 
     def _fetch_dag(self, refs: list[Any], step: int) -> Any:

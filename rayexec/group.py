@@ -1,4 +1,4 @@
-"""WorkerGroup: one WorkerWrapper actor per bundle, in rank order, environment set,
+"""WorkerGroup: one RankActor actor per bundle, in rank order, environment set,
 engine workers built. The part of the executor that knows nothing about steps.
 
 Start-up, in order:
@@ -26,23 +26,23 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayexec import envs, layout
+from rayexec.actor import (
+    CONCURRENCY_GROUPS,
+    RankActor,
+    import_worker_cls,
+    is_local_address,
+)
+from rayexec.cluster import driver_node_ip
 from rayexec.config import ExecutorConfig
 from rayexec.errors import ExecutorTimeoutError, PlacementError, WorkerDiedError, WorkerError
 from rayexec.placement import (
     Placement,
     acquire_placement,
-    driver_node_ip,
     ensure_ray,
     remove_group,
 )
 from rayexec.platform import Platform, resolve_platform
 from rayexec.resources import ResourceConfig
-from rayexec.worker import (
-    CONCURRENCY_GROUPS,
-    WorkerWrapper,
-    import_worker_cls,
-    is_local_address,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class WorkerGroup:
             options["resources"] = {p.resource_key: c.num_devices_per_worker}
         if c.memory_per_worker:
             options["memory"] = c.memory_per_worker
-        actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(WorkerWrapper)
+        actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RankActor)
         return actor_cls.options(**options).remote(index)
 
     def _runtime_env(self) -> dict[str, Any]:

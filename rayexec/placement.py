@@ -10,7 +10,7 @@ explain precisely why it cannot be satisfied.
 - Waiting is bounded by `pg_ready_timeout_s` and logs progress; on timeout a group
   we created is removed and `PlacementError` says what was asked, what each node
   has free and which constraint cannot be met.
-`diagnose_placement` is pure (no Ray calls) and unit-tested.
+The cluster queries live in `cluster.py`, the pure diagnosis in `diagnosis.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from ray.util.placement_group import (
 )
 
 from rayexec import envs
+from rayexec.cluster import driver_node_ip, free_resources_per_node, node_resources
 from rayexec.config import ExecutorConfig, check_bundle_indices_in_range
+from rayexec.diagnosis import diagnose_placement
 from rayexec.errors import PlacementError
 from rayexec.platform import Platform
 from rayexec.resources import ResourceConfig
@@ -154,7 +156,7 @@ def _create_group(config: ExecutorConfig, platform: Platform) -> PlacementGroup:
                        "; ".join(short), config.pg_ready_timeout_s)
     bundles = [resources.bundle() for _ in range(config.world_size)]
     driver_ip = driver_node_ip()
-    driver_node = _node_resources().get(driver_ip, {})
+    driver_node = node_resources().get(driver_ip, {})
     if driver_node.get(platform.resource_key, 0) >= config.num_devices_per_worker:
         # A tiny share of Ray's per-node resource pins bundle 0 (so rank 0) to the
         # driver's node; the driver then talks to its first stage locally.
@@ -250,132 +252,3 @@ def remove_group(placement: Placement, timeout_s: float = 10.0) -> None:
             time.sleep(0.05)
     except Exception as e:  # Ray already gone: nothing is reserved anymore
         logger.debug("removing placement group failed: %s", e)
-
-
-# ---- cluster facts --------------------------------------------------------------------
-def driver_node_ip() -> str:
-    """The IP of the node this driver runs on, as Ray knows it."""
-    node_id = ray.get_runtime_context().get_node_id()
-    for node in ray.nodes():
-        if node["NodeID"] == node_id:
-            return node["NodeManagerAddress"]
-    return ray.util.get_node_ip_address()
-
-
-def _node_labels() -> dict[str, str]:
-    """node id -> its IP, or "IP (node abcd1234)" where two nodes share an IP."""
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    ips = [n["NodeManagerAddress"] for n in nodes]
-    return {
-        n["NodeID"]: ip if ips.count(ip) == 1 else f"{ip} (node {n['NodeID'][:8]})"
-        for n, ip in zip(nodes, ips)
-    }
-
-
-def _node_resources() -> dict[str, dict[str, float]]:
-    """node IP -> total resources of alive nodes."""
-    return {n["NodeManagerAddress"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-
-
-def total_resources_per_node() -> dict[str, dict[str, float]]:
-    """node label -> the resources it holds (busy or not)."""
-    labels = _node_labels()
-    return {labels[n["NodeID"]]: dict(n["Resources"]) for n in ray.nodes() if n["Alive"]}
-
-
-def free_resources_per_node() -> dict[str, dict[str, float]]:
-    """node label -> free resources. Ray has no public per-node view without the
-    dashboard, so this uses its GCS state and falls back to totals."""
-    labels = _node_labels()
-    try:
-        from ray._private.state import available_resources_per_node
-
-        free = available_resources_per_node()
-    except Exception:
-        free = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    return {labels[node]: dict(res) for node, res in free.items() if node in labels}
-
-
-# ---- pure diagnosis -------------------------------------------------------------------
-def _fits(bundle: Mapping[str, float], free: Mapping[str, float]) -> bool:
-    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items() if not k.startswith("node:"))
-
-
-def _fmt(resources: Mapping[str, float], keys: Sequence[str]) -> str:
-    return ", ".join(f"{k}={resources.get(k, 0):g}" for k in keys)
-
-
-def placement_shortfalls(
-    bundles: Sequence[Mapping[str, float]],
-    strategy: str,
-    free_per_node: Mapping[str, Mapping[str, float]],
-    word: str = "free",
-) -> list[str]:
-    """Every reason `bundles` under `strategy` cannot fit `free_per_node`; empty when
-    they can (as far as per-node arithmetic can tell). `word` says what the numbers
-    are ("free", or "in all" for node capacities)."""
-    keys = sorted({k for b in bundles for k in b if not k.startswith("node:")})
-    reasons = []
-    for key in keys:
-        need = sum(b.get(key, 0.0) for b in bundles)
-        total = sum(res.get(key, 0.0) for res in free_per_node.values())
-        if total + 1e-9 < need:
-            reasons.append(f"the cluster has {total:g} {key} {word}, the layout needs {need:g}")
-    fitting_nodes = [ip for ip, res in free_per_node.items() if _fits(bundles[0], res)]
-    if not fitting_nodes:
-        reasons.append("no node can hold even one bundle")
-    if strategy == "STRICT_SPREAD" and len(fitting_nodes) < len(bundles):
-        reasons.append(f"STRICT_SPREAD puts every bundle on a different node, but only "
-                       f"{len(fitting_nodes)} node(s) can hold a bundle for {len(bundles)} bundles")
-    if strategy == "STRICT_PACK":
-        whole = {k: sum(b.get(k, 0.0) for b in bundles) for k in keys}
-        if not any(_fits(whole, res) for res in free_per_node.values()):
-            reasons.append(f"STRICT_PACK puts all bundles on one node, and no node has "
-                           f"{{{_fmt(whole, keys)}}} {word}")
-    if not reasons:
-        capacity = sum(_bundles_that_fit(bundles[0], res) for res in free_per_node.values())
-        if capacity < len(bundles):
-            reasons.append(f"the free resources are split across nodes so that only {capacity} "
-                           f"whole bundle(s) fit")
-    return reasons
-
-
-def describe_request(
-    bundles: Sequence[Mapping[str, float]],
-    strategy: str,
-    free_per_node: Mapping[str, Mapping[str, float]],
-    word: str = "free",
-) -> str:
-    keys = sorted({k for b in bundles for k in b if not k.startswith("node:")})
-    nodes = "; ".join(f"{ip}: {_fmt(res, keys)}" for ip, res in sorted(free_per_node.items()))
-    return (f"Asked for {len(bundles)} bundles of {{{_fmt(bundles[0], keys)}}} with {strategy}. "
-            f"{'Free' if word == 'free' else 'Resources'} per node: "
-            f"{nodes or 'no alive nodes'}.")
-
-
-SHORTFALL_FIX = (" Fix: lower pipeline_parallel_size x tensor_parallel_size or the per-worker "
-                 "resources, add nodes, or choose a looser placement_strategy.")
-
-
-def diagnose_placement(
-    bundles: Sequence[Mapping[str, float]],
-    strategy: str,
-    free_per_node: Mapping[str, Mapping[str, float]],
-) -> str:
-    """Why `bundles` under `strategy` do not fit the free resources, in words."""
-    reasons = placement_shortfalls(bundles, strategy, free_per_node)
-    fix = SHORTFALL_FIX
-    if not reasons:
-        reasons.append("the resources look sufficient now; other placement groups or actors "
-                       "may have held them, or nodes were still joining")
-        fix = " Fix: free the resources held elsewhere or raise pg_ready_timeout_s."
-    return (describe_request(bundles, strategy, free_per_node) + " Impossible because "
-            + "; ".join(reasons) + "." + fix)
-
-
-def _bundles_that_fit(bundle: Mapping[str, float], free: Mapping[str, float]) -> int:
-    counts = [
-        math.floor((free.get(k, 0.0) + 1e-9) / v)
-        for k, v in bundle.items() if v > 0 and not k.startswith("node:")
-    ]
-    return min(counts) if counts else 0

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rayexec.cluster import free_resources_per_node, total_resources_per_node
 from rayexec.config import PLACEMENT_STRATEGIES, ExecutorConfig
+from rayexec.diagnosis import describe_request, placement_shortfalls
 from rayexec.errors import PlacementError
 from rayexec.platform import Platform
 
@@ -140,8 +142,6 @@ class ResourceConfig:
         self, free_per_node: Mapping[str, Mapping[str, float]], word: str = "free"
     ) -> list[str]:
         """Each reason the request does not fit `free_per_node` (node -> resources)."""
-        from rayexec.placement import placement_shortfalls
-
         reasons = placement_shortfalls([self.bundle()] * self.num_workers,
                                        self.placement_strategy, free_per_node, word)
         if self.accelerator and self.accelerators_per_node:
@@ -164,12 +164,10 @@ class ResourceConfig:
         `cluster` is node -> free resources; None reads the live Ray cluster's free
         resources, or with `capacity=True` what its nodes hold in total (a request
         that fails that check can never be placed)."""
-        from rayexec import placement
-
         word = "in all" if capacity else "free"
         if cluster is None:
-            cluster = (placement.total_resources_per_node() if capacity
-                       else placement.free_resources_per_node())
+            cluster = (total_resources_per_node() if capacity
+                       else free_resources_per_node())
         reasons = self.shortfalls(cluster, word)
         if reasons:
             have = {k: sum(r.get(k, 0) for r in cluster.values()) for k in self.required()}
@@ -180,7 +178,7 @@ class ResourceConfig:
                     f"cannot place {self.num_workers} worker(s) with {self.placement_strategy}")
             raise PlacementError(
                 head + ". "
-                + placement.describe_request([self.bundle()] * self.num_workers,
+                + describe_request([self.bundle()] * self.num_workers,
                                              self.placement_strategy, cluster, word)
                 + " Cannot be placed: " + "; ".join(reasons) + ". Fix: ask for fewer workers or "
                 "smaller ones, free resources, or add nodes."

@@ -8,12 +8,12 @@ from collections.abc import Callable
 
 
 def live_worker_actors() -> set[str]:
-    """Ids of WorkerWrapper actors that are not DEAD."""
+    """Ids of RankActor actors that are not DEAD."""
     from ray._private import state
 
     return {
         actor_id for actor_id, a in state.actors().items()
-        if a["ActorClassName"] == "WorkerWrapper" and a["State"] != "DEAD"
+        if a["ActorClassName"] == "RankActor" and a["State"] != "DEAD"
     }
 
 

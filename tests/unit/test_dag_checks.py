@@ -43,7 +43,7 @@ def test_this_ray_passes():
 def test_the_step_input_round_trips_and_bytes_stay_bytes(batch):
     from ray._private.serialization import RawSerializedObject
 
-    from rayexec.worker import pack_step, unpack_step
+    from rayexec.actor import pack_step, unpack_step
 
     packed = pack_step(2**40 + 3, batch)
     assert unpack_step(packed) == (2**40 + 3, batch)
@@ -56,7 +56,7 @@ def test_the_step_input_round_trips_and_bytes_stay_bytes(batch):
 @pytest.mark.parametrize(("batch", "out"), [(b"b", b"o"), (b"", b""), (b"b", {"t": 1}),
                                             ({"ids": [1]}, b"o"), (None, None)])
 def test_the_stage_edge_round_trips_and_is_one_bytes_frame_only_for_bytes(batch, out):
-    from rayexec.worker import pack_edge, unpack_edge
+    from rayexec.actor import pack_edge, unpack_edge
 
     packed = pack_edge(12, batch, out)
     assert unpack_edge(packed) == (12, batch, out)

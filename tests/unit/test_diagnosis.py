@@ -1,7 +1,8 @@
 """The words of a PlacementError, from the pure diagnosis (no Ray cluster)."""
 
 from rayexec import ExecutorConfig
-from rayexec.placement import diagnose_placement, embedded_cpus
+from rayexec.diagnosis import diagnose_placement
+from rayexec.placement import embedded_cpus
 from rayexec.platform import CPU, CUDA
 from rayexec.resources import ResourceConfig
 

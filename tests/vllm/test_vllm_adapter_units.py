@@ -22,13 +22,13 @@ from rayexec.errors import ExecutorTimeoutError, WorkerDiedError
     ([0], "0"), ([1, 0], "0-1"), ([0, 1, 2, 3, 8], "0-3,8"), ([3, 5, 6, 7, 10, 11], "3,5-7,10-11"),
 ])
 def test_cpu_ids_are_written_the_way_vllm_reads_them(cores, text):
-    from rayexec.integrations.vllm import format_cpu_ids
+    from rayexec.integrations.vllm.cpu_env import format_cpu_ids
 
     assert format_cpu_ids(cores) == text
 
 
 def test_env_prefixes_are_added_once_after_rayexecs_own():
-    from rayexec.integrations.vllm import VLLM_ENV_PREFIXES, merge_prefixes
+    from rayexec.integrations.vllm.cpu_env import VLLM_ENV_PREFIXES, merge_prefixes
 
     merged = merge_prefixes(("NCCL_", "VLLM_"), VLLM_ENV_PREFIXES)
     assert merged[:2] == ("NCCL_", "VLLM_")
@@ -61,7 +61,7 @@ def fake_vllm_config(tp=2, pp=2, dp=1, world_size=None, kv_transfer=None):
 @pytest.mark.vllm
 def test_config_follows_vllms_layout_and_copies_its_variables(monkeypatch):
     from rayexec.integrations.vllm import RayexecExecutor, VllmWorker
-    from rayexec.integrations.vllm_executor import build_config
+    from rayexec.integrations.vllm.executor import build_config
 
     assert RayexecExecutor.supports_pp and not RayexecExecutor.uses_ray
     assert RayexecExecutor.supports_async_scheduling()  # steps run in submission order
@@ -80,7 +80,7 @@ def test_config_follows_vllms_layout_and_copies_its_variables(monkeypatch):
 
 @pytest.mark.vllm
 def test_vllms_nobind_turns_cpu_pinning_off(monkeypatch):
-    from rayexec.integrations.vllm_executor import build_config
+    from rayexec.integrations.vllm.executor import build_config
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     config = build_config(fake_vllm_config())
@@ -94,7 +94,7 @@ def test_vllms_nobind_turns_cpu_pinning_off(monkeypatch):
     ({"kv_transfer": object()}, "KV/EC transfer connector"),
 ])
 def test_layouts_beyond_pp_x_tp_are_refused_with_the_reason(kwargs, named):
-    from rayexec.integrations.vllm_executor import check_supported
+    from rayexec.integrations.vllm.executor import check_supported
 
     with pytest.raises(NotImplementedError, match="distributed_executor_backend='mp'") as info:
         check_supported(fake_vllm_config(**kwargs))
@@ -103,7 +103,7 @@ def test_layouts_beyond_pp_x_tp_are_refused_with_the_reason(kwargs, named):
 
 @pytest.mark.vllm
 def test_rpc_timeouts_surface_as_timeout_error_and_other_errors_unchanged():
-    from rayexec.integrations.vllm_executor import _RpcResult
+    from rayexec.integrations.vllm.executor import _RpcResult
 
     inner: Future = Future()
     outer = _RpcResult(inner)
@@ -119,7 +119,7 @@ def test_rpc_timeouts_surface_as_timeout_error_and_other_errors_unchanged():
 
 @pytest.mark.vllm
 def test_step_results_are_unpickled_once_and_errors_kept():
-    from rayexec.integrations.vllm_executor import _StepResult
+    from rayexec.integrations.vllm.executor import _StepResult
 
     step: Future = Future()
     step.set_result(pickle.dumps({"sampled": [[7]]}))
@@ -136,7 +136,7 @@ def test_step_results_are_unpickled_once_and_errors_kept():
 @pytest.mark.vllm
 def test_the_serve_launcher_finds_vllms_server_pieces():
     # --help exits after every vLLM import the launcher needs and the parser build.
-    proc = subprocess.run([sys.executable, "-m", "rayexec.integrations.vllm_serve", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "rayexec.integrations.vllm.serve", "--help"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--pipeline-parallel-size" in proc.stdout
@@ -147,12 +147,12 @@ def test_small_stage_outputs_cross_as_bytes_and_come_back_exact():
     import torch
     from vllm.sequence import IntermediateTensors
 
-    from rayexec.integrations.vllm_edges import (
+    from rayexec.actor import pack_edge, unpack_edge
+    from rayexec.integrations.vllm.edges import (
         SMALL_EDGE_BYTES,
         pack_for_next_stage,
         unpack_from_previous_stage,
     )
-    from rayexec.worker import pack_edge, unpack_edge
 
     torch.manual_seed(0)
     sent = {"hidden_states": torch.randn(4, 256).bfloat16(),

@@ -48,8 +48,8 @@ from rayexec import envs
 from rayexec.config import ExecutorConfig
 from rayexec.errors import ExecutorTimeoutError
 from rayexec.executor import RayDistributedExecutor
-from rayexec.integrations.vllm import VLLM_ENV_PREFIXES, merge_prefixes
-from rayexec.integrations.vllm_worker import VllmWorker
+from rayexec.integrations.vllm.cpu_env import VLLM_ENV_PREFIXES, merge_prefixes
+from rayexec.integrations.vllm.worker import VllmWorker
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """vLLM's OpenAI-compatible server with rayexec's backend, pipeline parallel included.
 
-    python -m rayexec.integrations.vllm_serve --model M --tensor-parallel-size 2 \
+    python -m rayexec.integrations.vllm.serve --model M --tensor-parallel-size 2 \
         --pipeline-parallel-size 2 [any other vLLM server option]
 
 `vllm serve --distributed-executor-backend rayexec.integrations.vllm.RayexecExecutor`

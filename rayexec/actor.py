@@ -1,10 +1,11 @@
-"""WorkerWrapper: the Ray actor that hosts one engine worker.
+"""RankActor: the Ray actor that hosts one engine worker.
 
-A plain class that `placement.py` turns into an actor. It is created knowing only
+A plain class that `group.py` turns into an actor (one per rank; "worker" is the engine's
+object it hosts, never this actor). It is created knowing only
 its creation index; the executor then asks where it landed, gives it its per-rank
 environment and builds the engine's worker inside it with `init_worker`. Engine
 methods run through `execute_method` (a name, or a cloudpickled callable taking the
-worker first); the forward step runs through `execute_model_dag`, the one method
+worker first); the forward step runs through `run_step`, the one method
 bound into the compiled DAG (and chained by plain calls when forward="rpc").
 
 Two extra concurrency groups keep the worker observable while it is busy:
@@ -119,7 +120,7 @@ def is_local_address(ip: str) -> bool:
         return False
 
 
-class WorkerWrapper:
+class RankActor:
     """Hosts one engine worker; every public method is callable from the driver."""
 
     def __init__(self, index: int) -> None:
@@ -215,7 +216,7 @@ class WorkerWrapper:
             return self._run(name, lambda: fn(self.worker, *args, **kwargs))
         return self._run(method, lambda: getattr(self.worker, method)(*args, **kwargs))
 
-    def execute_model_dag(self, packed: Any) -> Any:
+    def run_step(self, packed: Any) -> Any:
         """The forward step: unpack, call execute_model, pack for the next stage.
 
         Stage 0 receives the driver's `pack_step(step, batch)`; later stages receive

