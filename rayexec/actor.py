@@ -21,7 +21,6 @@ import importlib
 import logging
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -32,51 +31,13 @@ from typing import Any
 import cloudpickle
 import ray
 
-from rayexec import envs
+from rayexec import envs, wire
 from rayexec.errors import WorkerError
 from rayexec.park import Park, ParkGate
 
 logger = logging.getLogger(__name__)
 
 CONCURRENCY_GROUPS = {"control": 2, "monitor": 1}
-STEP_HEADER = struct.Struct("<q")  # step
-EDGE_HEADER = struct.Struct("<qq")  # step, len(batch)
-
-
-def pack_step(step: int, batch: Any) -> Any:
-    """What the driver sends stage 0. A `bytes` batch goes as bytes with the step id
-    in front: Ray's channels hand bytes over as they are, with no msgpack or pickle on
-    either side, their cheapest path (an engine that pickles its batch once, like the
-    vLLM backend, takes it on every step). Any other batch goes as (step, batch)."""
-    if isinstance(batch, bytes):
-        return STEP_HEADER.pack(step) + batch
-    return step, batch
-
-
-def unpack_step(packed: Any) -> tuple[int, Any]:
-    """(step, batch) from what `pack_step` made."""
-    if isinstance(packed, bytes):
-        return STEP_HEADER.unpack_from(packed)[0], packed[STEP_HEADER.size:]
-    return packed
-
-
-def pack_edge(step: int, batch: Any, out: Any) -> Any:
-    """What a stage sends the next one. When the batch and the stage's output are
-    both `bytes` (a worker that serializes small outputs itself), one bytes frame,
-    for the same reason as `pack_step`; otherwise (step, batch, out), whose tensors
-    take the edge's tensor transport."""
-    if isinstance(batch, bytes) and isinstance(out, bytes):
-        return EDGE_HEADER.pack(step, len(batch)) + batch + out
-    return step, batch, out
-
-
-def unpack_edge(packed: Any) -> tuple[int, Any, Any]:
-    """(step, batch, out) from what `pack_edge` made."""
-    if isinstance(packed, bytes):
-        step, size = EDGE_HEADER.unpack_from(packed)
-        start = EDGE_HEADER.size
-        return step, packed[start:start + size], packed[start + size:]
-    return packed
 
 
 def import_worker_cls(worker_cls: type | str) -> type:
@@ -216,29 +177,34 @@ class RankActor:
             return self._run(name, lambda: fn(self.worker, *args, **kwargs))
         return self._run(method, lambda: getattr(self.worker, method)(*args, **kwargs))
 
-    def run_step(self, packed: Any) -> Any:
+    def run_step(self, message: Any, frames: bool = False) -> Any:
         """The forward step: unpack, call execute_model, pack for the next stage.
 
-        Stage 0 receives the driver's `pack_step(step, batch)`; later stages receive
-        the previous stage's `pack_edge(step, batch, intermediate)`. The last stage
-        returns the worker's output; the others pass `pack_edge(...)` on. A `Park`
-        batch never reaches the engine's worker (see park.py).
+        Stage 0 receives the driver's `(step, batch)`; later stages the previous
+        stage's `(step, batch, intermediate)`. The last stage returns the worker's
+        output; the others pass `(step, batch, output)` on. With `frames` (CPU edges of
+        the compiled graph) every message travels as one `wire` frame. A `Park` batch
+        never reaches the engine's worker (see park.py).
         """
+        message = wire.unpack(message)
         if self.is_first_stage:
-            step, batch = unpack_step(packed)
+            step, batch = message
             intermediate = None
         else:
-            step, batch, intermediate = unpack_edge(packed)
+            step, batch, intermediate = message
         if isinstance(batch, Park):
             if batch.blocks(self.pp_rank, self.pipeline_parallel_size):
                 self.gate.wait(batch.park_id)
-            return None if self.is_last_stage else pack_edge(step, batch, None)
-        self.step_started, self.step_since = step, time.time()
-        try:
-            out = self._run("execute_model", lambda: self.worker.execute_model(batch, intermediate))
-        finally:
-            self.step_finished = step
-        return out if self.is_last_stage else pack_edge(step, batch, out)
+            out = None
+        else:
+            self.step_started, self.step_since = step, time.time()
+            try:
+                out = self._run("execute_model",
+                                lambda: self.worker.execute_model(batch, intermediate))
+            finally:
+                self.step_finished = step
+        result = out if self.is_last_stage else (step, batch, out)
+        return wire.pack(result) if frames else result
 
     def _run(self, method: str, call: Callable[[], Any]) -> Any:
         try:

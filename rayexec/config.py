@@ -70,6 +70,11 @@ class ExecutorConfig:
     """Seconds to wait for the placement group before PlacementError."""
     execute_timeout_s: float = 300.0
     """Seconds one forward step may take (the compiled graph's get timeout)."""
+    max_step_bytes: int = 16 << 20
+    """forward="dag": the compiled graph's channel buffers are sized for messages up
+    to this many bytes (a stage's output, the batch, the last stage's result). A
+    larger message still arrives, but Ray then grows that channel, a one-time cost
+    whose old buffer Ray keeps until the graph is torn down."""
     rpc_timeout_s: float | None = None
     """Default timeout of collective_rpc in seconds; None waits forever."""
     health_check_timeout_s: float = 10.0
@@ -200,6 +205,8 @@ def _validate(c: ExecutorConfig) -> None:
         not _is_int(c.memory_per_worker) or c.memory_per_worker <= 0
     ):
         _fail("memory_per_worker", c.memory_per_worker, "expected None or bytes > 0")
+    if not _is_int(c.max_step_bytes) or c.max_step_bytes < 4096:
+        _fail("max_step_bytes", c.max_step_bytes, "expected bytes >= 4096 (e.g. 16 << 20)")
 
     if c.placement_group is not None and c.placement_group_name is not None:
         _fail("placement_group_name", c.placement_group_name,

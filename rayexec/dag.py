@@ -1,8 +1,16 @@
 """The compiled forward DAG: PP stages deep, TP workers wide (Ray Compiled Graphs).
 
 Ray calls compiled graphs "maintenance mode", so everything that touches them lives
-here behind one small interface: `ForwardDag(grid, transport)`, `.execute(packed)`
-returning one result ref per last-stage worker, `.teardown(timeout_s)`. The plain
+here behind one small interface: `ForwardDag(grid, transport, ...)`, `.execute(step,
+batch)` returning one result ref per last-stage worker, `.output(value)` turning what
+such a ref gives back into the worker's output, `.teardown(timeout_s)`.
+
+On CPU (`frames=True`) every edge -- the driver's input, each stage-to-stage edge, the
+last stage's result -- carries one `wire` frame: `bytes`, which Ray's channels pass
+without serializing, with the tensors' raw bytes inside. On accelerators the edges
+between stages keep `with_tensor_transport` (NCCL, or shm for workers sharing a
+device). Channel buffers are sized for `max_step_bytes` up front, since Ray grows a
+channel on the first larger message and keeps the old buffer. The plain
 Ray-call path (forward="rpc") lives in the executor and needs none of this.
 
 Checks with clear errors: Ray too old or `ray[cgraph]` missing, nccl without cupy.
@@ -20,6 +28,8 @@ from typing import Any
 
 import ray
 from packaging.version import Version
+
+from rayexec import wire
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +102,21 @@ class ForwardDag:
         transport: str,
         overlap_comm: bool = False,
         submit_timeout_s: float | None = None,
+        frames: bool = False,
+        buffer_size_bytes: int | None = None,
     ) -> None:
         from ray.dag import InputNode, MultiOutputNode
 
         check_compiled_graphs()
         self.transport = transport
+        self.frames = frames
         self._teardown_thread: threading.Thread | None = None
         with InputNode() as step_input:
             outputs: list[Any] = [step_input] * len(grid[0])
             outputs_by_stage = []
             for pp_rank, stage in enumerate(grid):
-                outputs = [w.run_step.bind(x) for w, x in zip(stage, outputs)]
-                if pp_rank < len(grid) - 1:
+                outputs = [w.run_step.bind(x, frames) for w, x in zip(stage, outputs)]
+                if pp_rank < len(grid) - 1 and not frames:
                     outputs = [o.with_tensor_transport(transport=transport) for o in outputs]
                 outputs_by_stage.append(outputs)
             graph = MultiOutputNode(outputs)
@@ -112,21 +125,27 @@ class ForwardDag:
 
         self.compiled = graph.experimental_compile(
             _submit_timeout=submit_timeout_s,
+            _buffer_size_bytes=buffer_size_bytes,
             _overlap_gpu_communication=overlap_comm,
             # Room for PP steps in flight behind PP idle-park steps (park.py).
             _max_inflight_executions=max(DAGContext.get_current().max_inflight_executions,
                                          2 * len(grid) + 2),
         )
         logger.info("compiled the forward DAG: %d stage(s) x %d worker(s), %s edges",
-                    len(grid), len(grid[0]), transport)
+                    len(grid), len(grid[0]), "bytes-frame" if frames else transport)
 
     def edge_type_hints(self) -> list[Any]:
         """The type hint of every stage-to-stage edge (for inspection and tests)."""
         return [node.type_hint for stage in self._stage_outputs[:-1] for node in stage]
 
-    def execute(self, packed: Any) -> list[Any]:
+    def execute(self, step: int, batch: Any) -> list[Any]:
         """Submit one step; returns one result ref per last-stage worker."""
-        return self.compiled.execute(packed)
+        message = (step, batch)
+        return self.compiled.execute(wire.pack(message) if self.frames else message)
+
+    def output(self, value: Any) -> Any:
+        """The worker's output from what a result ref gave back."""
+        return wire.unpack(value) if self.frames else value
 
     def teardown(self, timeout_s: float) -> bool:
         """Tear the graph down, waiting at most `timeout_s`; False if it did not finish

@@ -35,7 +35,7 @@ from ray.exceptions import (
     RayTaskError,
 )
 
-from rayexec.actor import import_worker_cls, pack_step
+from rayexec.actor import import_worker_cls
 from rayexec.config import ExecutorConfig
 from rayexec.dag import ForwardDag, check_compiled_graphs, resolve_transport
 from rayexec.errors import (
@@ -185,8 +185,13 @@ class RayDistributedExecutor:
     def _ensure_dag(self) -> ForwardDag:
         if self._parts.dag is None:
             grid = self._group.topology.grid(self._group.actors)
+            # CPU edges carry wire frames (bytes: Ray's cheapest channel path); tensors
+            # on accelerators keep the edge's tensor transport.
+            frames = self.transport == "shm" and not self.platform.is_accelerator
             self._parts.dag = ForwardDag(grid, self.transport, self.config.overlap_comm,
-                                         submit_timeout_s=self.config.execute_timeout_s)
+                                         submit_timeout_s=self.config.execute_timeout_s,
+                                         frames=frames,
+                                         buffer_size_bytes=self.config.max_step_bytes)
             timer = self._parts.idle_timer
             if self.config.idle_park_s is not None and (timer is None or not timer.is_alive()):
                 park_if_idle = weakref.WeakMethod(self._park_if_idle)
@@ -292,12 +297,13 @@ class RayDistributedExecutor:
             if self.config.forward == "dag":
                 self._parts.wake(self.config.execute_timeout_s)
                 try:
-                    refs = self._ensure_dag().execute(pack_step(step, batch))
+                    dag = self._ensure_dag()
+                    refs = dag.execute(step, batch)
                 except RayChannelTimeoutError:  # stage 0 never took the input
                     raise self._step_timeout(step) from None
                 except RayChannelError as e:  # torn down by Ray after a death
                     raise self._died(e) from None
-                future = steps.submit(lambda: self._fetch_dag(refs, step))
+                future = steps.submit(lambda: dag.output(self._fetch_dag(refs, step)))
             else:
                 refs = self._submit_rpc(step, batch)
                 future = steps.submit(lambda: self._fetch_rpc(refs, step))
@@ -325,8 +331,8 @@ class RayDistributedExecutor:
             self._park_id += 1
             try:
                 for index in range(self.config.pipeline_parallel_size):
-                    step = pack_step(self._step_id, Park(self._park_id, index))
-                    self._parts.park_refs.extend(dag.execute(step))
+                    park = Park(self._park_id, index)
+                    self._parts.park_refs.extend(dag.execute(self._step_id, park))
             except (RayChannelError, RayChannelTimeoutError) as e:
                 # A worker died and Ray closed the graph; the death is reported by
                 # the monitor, and a restart builds a new graph (and parks it).
@@ -342,8 +348,7 @@ class RayDistributedExecutor:
 
     def _submit_rpc(self, step: int, batch: Any) -> list[ray.ObjectRef]:
         grid = self.pp_tp_workers
-        packed = pack_step(step, batch)
-        refs = [w.run_step.remote(packed) for w in grid[0]]
+        refs = [w.run_step.remote((step, batch)) for w in grid[0]]
         for stage in grid[1:]:
             refs = [w.run_step.remote(r) for w, r in zip(stage, refs)]
         return refs

@@ -148,12 +148,13 @@ def test_one_megabyte_tensor_crosses_the_stage_edge_intact(ex):
     out = ex.execute_model({"x": [1.0], "tensor_elems": n})
     assert out["big"].dtype == torch.float32 and out["big"].numel() == n
     assert torch.equal(out["big"], torch.arange(n, dtype=torch.float32))
-    # The stage edges are typed for the tensor transport, not the generic pickled path.
+    # On CPU the stage edges carry wire frames (bytes, Ray's raw path), not Ray's
+    # tensor transport, which costs more per byte there.
     from ray.experimental.channel.torch_tensor_type import TorchTensorType
 
-    assert ex.transport == "shm"
+    assert ex.transport == "shm" and ex._parts.dag.frames
     hints = ex._parts.dag.edge_type_hints()
-    assert len(hints) == 2 and all(isinstance(h, TorchTensorType) for h in hints)
+    assert len(hints) == 2 and not any(isinstance(h, TorchTensorType) for h in hints)
 
 
 def test_dag_step_exception_is_a_worker_error_and_the_dag_keeps_working(ex):

@@ -37,27 +37,3 @@ def test_missing_cgraph_parts_name_the_install(monkeypatch):
 
 def test_this_ray_passes():
     dag.check_compiled_graphs()
-
-
-@pytest.mark.parametrize("batch", [b"", b"\x80\x05pickled", {"ids": [1, 2]}, 7, None])
-def test_the_step_input_round_trips_and_bytes_stay_bytes(batch):
-    from ray._private.serialization import RawSerializedObject
-
-    from rayexec.actor import pack_step, unpack_step
-
-    packed = pack_step(2**40 + 3, batch)
-    assert unpack_step(packed) == (2**40 + 3, batch)
-    # bytes batches take Ray's raw path (no msgpack/pickle); others a (step, batch) tuple
-    raw = isinstance(ray._private.worker.global_worker.get_serialization_context()
-                     .serialize(packed), RawSerializedObject)
-    assert raw == isinstance(batch, bytes)
-
-
-@pytest.mark.parametrize(("batch", "out"), [(b"b", b"o"), (b"", b""), (b"b", {"t": 1}),
-                                            ({"ids": [1]}, b"o"), (None, None)])
-def test_the_stage_edge_round_trips_and_is_one_bytes_frame_only_for_bytes(batch, out):
-    from rayexec.actor import pack_edge, unpack_edge
-
-    packed = pack_edge(12, batch, out)
-    assert unpack_edge(packed) == (12, batch, out)
-    assert isinstance(packed, bytes) == (isinstance(batch, bytes) and isinstance(out, bytes))

@@ -147,7 +147,7 @@ def test_small_stage_outputs_cross_as_bytes_and_come_back_exact():
     import torch
     from vllm.sequence import IntermediateTensors
 
-    from rayexec.actor import pack_edge, unpack_edge
+    from rayexec import wire
     from rayexec.integrations.vllm.edges import (
         SMALL_EDGE_BYTES,
         pack_for_next_stage,
@@ -161,9 +161,9 @@ def test_small_stage_outputs_cross_as_bytes_and_come_back_exact():
     packed = pack_for_next_stage(IntermediateTensors(dict(sent)))
     assert isinstance(packed, bytes)
     # rayexec frames it with the batch into one bytes message, which Ray passes as is.
-    frame = pack_edge(9, b"batch", packed)
-    assert isinstance(frame, bytes) and unpack_edge(frame) == (9, b"batch", packed)
-    got = unpack_from_previous_stage(unpack_edge(frame)[2])
+    frame = wire.pack((9, b"batch", packed))
+    assert isinstance(frame, bytes) and wire.unpack(frame) == (9, b"batch", packed)
+    got = unpack_from_previous_stage(wire.unpack(frame)[2])
     assert isinstance(got, IntermediateTensors)
     for name, tensor in sent.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
