@@ -6,7 +6,8 @@ layouts, payloads and channels, measured side by side in one run.
     python benchmarks/pp_tp_latency.py --quick               # a smoke run
     python benchmarks/pp_tp_latency.py --pp 2 --tp 2 --payloads 4k,1m --modes dag,rpc,floor
 
-Modes (runners.py): dag, rpc, floor, local. Workloads: echo (a tensor of each
+Modes (runners.py): dag, bare (plain Ray, no rayexec code), rpc, floor, local.
+Workloads: echo (a tensor of each
 payload size passed through every stage; echo_worker.py) and model (the reference
 decoder's decode step, batch 8). Each configuration is warmed up, then timed step by
 step; the records give median / p90 / p99, steps/s and, for echo, MB/s. Prints a
@@ -42,6 +43,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable a
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import echo_worker, report  # noqa: E402
+from benchmarks.bare import VARIANTS as BARE_VARIANTS  # noqa: E402
 from benchmarks.runners import (  # noqa: E402
     MODES,
     WORKLOADS,
@@ -54,14 +56,14 @@ from benchmarks.runners import (  # noqa: E402
 logger = logging.getLogger("pp_tp_latency")
 
 DEFAULT_OUT = ROOT / "results" / "pp_tp_latency.json"
-FULL = {"pp": [1, 2, 4], "tp": [1, 2], "payloads": [4 << 10, 1 << 20, 16 << 20],
+FULL = {"pp": [1, 2, 4], "tp": [1, 2], "payloads": [4 << 10, 64 << 10, 1 << 20, 16 << 20],
         "iters": 300, "warmup": 20, "max_seconds": 3.0}
-QUICK = {"pp": [2], "tp": [1, 2], "payloads": [4 << 10, 64 << 10],
+QUICK = {"pp": [2], "tp": [1, 2], "payloads": [4 << 10, 64 << 10, 1 << 20],
          "iters": 30, "warmup": 5, "max_seconds": 1.0}
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
          "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
 # Cheap modes first, so a cell's Ray-free references are in before the Ray runs.
-MODE_ORDER = ("local", "floor", "rpc", "dag")
+MODE_ORDER = ("local", "floor", "rpc", "bare", "dag")
 
 
 def parse_size(text: str) -> int:
@@ -215,6 +217,15 @@ def start_ray(args: argparse.Namespace, cells: list[tuple[int, int]]
     return started, device, niceness
 
 
+def variants(mode: str, workload: str, channels: list[str]) -> list[str | None]:
+    """The channels (dag) or Ray-only variants (bare, echo only) a mode runs with."""
+    if mode == "dag":
+        return list(channels)
+    if mode == "bare":
+        return list(BARE_VARIANTS) if workload == "echo" else []
+    return [None]
+
+
 def _niceness() -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
@@ -249,7 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": [], "errors": [],
     }
     plan = [(w, pp, tp, m, c) for w in args.workloads for pp, tp in cells for m in modes
-            for c in (channels if m == "dag" else [None])] * args.repeat
+            for c in variants(m, w, channels)] * args.repeat
     raw: list[dict[str, Any]] = []
     try:
         for i, (name, pp, tp, mode, channel) in enumerate(plan, 1):

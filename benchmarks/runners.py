@@ -4,6 +4,8 @@ a step (dag, rpc, floor, local) and the timing loop.
 Every mode answers `execute_model(batch)` for the same worker class, kwargs and PP x
 TP layout, so one loop times them all:
   dag    RayDistributedExecutor(forward="dag"), compiled graph, `channel` edges;
+  bare   the same echo chain as a plain Ray compiled graph, no rayexec code
+         (bare.py; `channel` names the variant: dict, shm or bytes);
   rpc    the same executor with forward="rpc" (plain actor calls);
   floor  FloorChain: plain processes + shared memory + eventfds, no Ray (floor.py);
   local  the stages' compute in this process: EchoWorkers called in a row, or the
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.bare import BareChain
 from benchmarks.echo_worker import EchoWorker
 from benchmarks.floor import FloorChain
 from rayexec import ExecutorConfig, RayDistributedExecutor
@@ -37,7 +40,7 @@ from rayexec.models import (
 
 logger = logging.getLogger(__name__)
 
-MODES = ("dag", "rpc", "floor", "local")
+MODES = ("dag", "bare", "rpc", "floor", "local")
 WORKLOADS = ("echo", "model")
 MODEL_PRESET = "small"
 MODEL_BATCH = 8
@@ -162,9 +165,12 @@ class Workload:
     def check(self, out: Any, payload: int) -> Any:
         """A digest of one step's output, compared across modes; raises when wrong."""
         if self.name == "echo":
-            if not isinstance(out, torch.Tensor) or out.numel() != payload:
+            # A tensor, or bytes from the bare mode's bytes variant.
+            size = len(out) if isinstance(out, bytes) else (
+                out.numel() if isinstance(out, torch.Tensor) else None)
+            if size != payload:
                 raise AssertionError(f"echo of {payload} bytes returned {type(out).__name__} "
-                                     f"{getattr(out, 'shape', '')}")
+                                     f"of size {size}")
             return None
         return list(out.next_token_ids)
 
@@ -181,6 +187,11 @@ def open_target(mode: str, workload: Workload, pp: int, tp: int, channel: str,
             yield ex
         finally:
             ex.shutdown()
+    elif mode == "bare":
+        if workload.name != "echo":
+            raise ValueError("the bare mode runs the echo workload only")
+        with BareChain(pp, tp, channel, buffer_size_bytes=workload.slot_bytes()) as chain:
+            yield chain
     elif mode == "floor":
         config = workload.config(pp, tp, "rpc", "auto")
         kwargs = dict(config.worker_kwargs)
