@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayexec.contract import RANK_ARGUMENTS
 from rayexec.layout import WORKER_SPECIFIC_VARS
 from rayexec.platform import DEVICE_KINDS
 
@@ -24,9 +25,7 @@ CHANNELS = ("auto", "nccl", "shm")
 FORWARD_MODES = ("dag", "rpc")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Keyword arguments rayexec itself passes to the worker class.
-RESERVED_WORKER_KWARGS = frozenset(
-    {"rank", "local_rank", "world_size", "pp_rank", "tp_rank", "distributed_init_method"}
-)
+RESERVED_WORKER_KWARGS = frozenset(RANK_ARGUMENTS)
 
 
 @dataclass(frozen=True, kw_only=True)
