@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every configuration; the JSON document."""
     cells, skipped = layouts(args)
     for why in skipped:
-        logger.warning("skipping %s", why)
+        print(f"not run: {why}", file=sys.stderr)
     if not cells:
         raise SystemExit(f"no layout fits --max-workers {args.max_workers}: {skipped}")
     modes = [m for m in MODE_ORDER if m in args.modes]

@@ -1,7 +1,7 @@
 """ExecutorConfig: everything the user chooses about an executor, in one frozen
 dataclass validated at construction.
 
-Each field's docstring is its documentation (the README table is generated from
+Each field's docstring is its documentation (docs/configuration.md is generated from
 the same text). Errors name the field, the value given and what is allowed. The
 config is never written after construction; runtime facts (the placement group
 actually used, the rank order) live in the executor. Environment variables reach
@@ -76,8 +76,8 @@ class ExecutorConfig:
     idle_park_s: float | None = 1.0
     """forward="dag" only: after this many seconds with no step, the workers sleep
     until the next step instead of polling Ray's channels (one core each while
-    idle); the first step after it pays a wake-up (2-3 ms measured). None: never
-    park (lowest latency after a pause, at a core per worker)."""
+    idle); the first step after it pays a wake-up (a few ms; docs/benchmarks.md).
+    None: never park (lowest latency after a pause, at a core per worker)."""
     env_vars: Mapping[str, str] = field(default_factory=dict)
     """Extra environment variables given to every worker."""
     env_prefixes_to_copy: tuple[str, ...] = ("NCCL_", "GLOO_", "TORCH_")

@@ -300,7 +300,7 @@ class WorkerGroup:
         # Ray renices worker processes to 15 so its daemons stay responsive; these
         # workers are the engine's compute. Compiled-graph readers poll while they
         # wait, so at 15 they lose their cores to the nice-0 driver waiting on them
-        # (measured: 1 MiB PP=2 x TP=2 step 11.7 -> 6.1 ms on 2 cores). Ray's core
+        # (docs/benchmarks.md has the step times before and after). Ray's core
         # worker reads this variable when the process starts.
         env.setdefault("RAY_worker_niceness", "0")
         if self.platform.noset_var:
