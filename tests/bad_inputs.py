@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -279,6 +280,14 @@ def run_row(row: Row, ctx: Context) -> BaseException | None:
     return None
 
 
+def stable(text: str) -> str:
+    """A message as it reads on any machine: paths relative to the repository, and
+    no object addresses or Ray node ids (they change from run to run)."""
+    text = text.replace(f"{ROOT}/", "")
+    text = re.sub(r"\b0x[0-9a-f]{6,}\b", "0x…", text)
+    return re.sub(r"'[0-9a-f]{56}'", "'…'", text)
+
+
 def markdown_table() -> str:
     """Runs every row on a local Ray and renders the table of docs/failures.md."""
     ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR")
@@ -288,8 +297,7 @@ def markdown_table() -> str:
         for i, row in enumerate(ROWS, 1):
             error = run_row(row, ctx)
             text = " ".join(str(error).split()) if error else "NO ERROR"
-            # Paths as in the repository, not as on the machine that made the table.
-            text = text.replace(f"{ROOT}/", "")
+            text = stable(text)
             if len(text) > 300:
                 text = text[:297] + "..."
             kind = ("warning (logged)" if isinstance(error, LoggedWarning)
