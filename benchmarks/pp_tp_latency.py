@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         print(no_plot)
     if doc["errors"]:
         print(f"{len(doc['errors'])} configuration(s) failed; see \"errors\" in the results")
-    print(report.format_verdict(doc["targets"], m["cores_available"]))
+    print(report.format_verdict(doc["targets"], m["cores_available"],
+                                max(m["load_avg_start"][0], m["load_avg_end"][0])))
     summary = {"results": len(doc["results"]), "errors": len(doc["errors"]),
                "targets_met": sum(t["met"] is True for t in doc["targets"]),
                "targets_missed": sum(t["met"] is False for t in doc["targets"]),

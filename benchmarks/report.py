@@ -123,12 +123,18 @@ def why_missed(verdict: Record, cores: int) -> str:
     return f"not the known cause (a core for each process here); see {DOCS}"
 
 
-def format_verdict(verdicts: list[Record], cores: int) -> str:
-    """The run's conclusion in words: each target's meaning, met or not, and why not."""
+def format_verdict(verdicts: list[Record], cores: int, load: float | None = None) -> str:
+    """The run's conclusion in words: each target's meaning, met or not, and why not.
+    `load`: the highest 1-minute load average seen; above `cores`, other work shared
+    the machine and the verdict says the numbers are not to be trusted."""
     measured = [v for v in verdicts if v["met"] is not None]
     met = sum(v["met"] is True for v in measured)
     lines = [f"verdict: {met} of {len(measured)} measured targets met on this machine "
              f"({cores} core(s) available)"]
+    if load is not None and load > cores:
+        lines.append(f"  caution: the machine was busy with other work (load average up to "
+                     f"{load:.1f} on {cores} cores), so these numbers, met or missed, say "
+                     f"little; run again on a quiet machine")
     for v in verdicts:
         state = {True: "met", False: "MISSED", None: "not measured"}[v["met"]]
         value = "" if v["value"] is None else f" (measured {_fmt_metric(v)})"

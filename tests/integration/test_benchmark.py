@@ -123,6 +123,8 @@ def test_missed_target_says_why_and_points_to_the_docs() -> None:
     assert text.startswith("verdict: 0 of 1 measured targets met")
     roomy = report.format_verdict(verdicts, cores=16)
     assert "not the known cause" in roomy and "docs/benchmarks.md" in roomy
+    assert "caution" not in report.format_verdict(verdicts, cores=2, load=1.5)
+    assert "load average up to 30.0 on 2 cores" in report.format_verdict(verdicts, 2, 30.0)
 
 
 def test_main_in_process_floor_and_local(tmp_path: Path) -> None:

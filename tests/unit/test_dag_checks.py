@@ -61,3 +61,17 @@ def test_the_stage_edge_round_trips_and_is_one_bytes_frame_only_for_bytes(batch,
     packed = pack_edge(12, batch, out)
     assert unpack_edge(packed) == (12, batch, out)
     assert isinstance(packed, bytes) == (isinstance(batch, bytes) and isinstance(out, bytes))
+
+
+def test_blocked_teardown_is_explained_once_at_info(monkeypatch, caplog):
+    """A known Ray 2.60 behaviour: one INFO line with the reason, then DEBUG only."""
+    import logging
+
+    monkeypatch.setattr(dag, "_teardown_explained", False)
+    with caplog.at_level(logging.DEBUG, logger="rayexec.dag"):
+        for _ in range(3):
+            dag._log_blocked_teardown(5.0)
+    levels = [r.levelno for r in caplog.records]
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG]
+    assert "Ray 2.60" in caplog.records[0].getMessage()
+    assert "nothing is lost" in caplog.records[0].getMessage()
