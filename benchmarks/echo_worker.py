@@ -21,7 +21,8 @@ import torch
 
 
 class EchoWorker:
-    """One rank of the echo chain; follows rayexec's worker contract (SPEC section 5)."""
+    """One rank of the echo chain; follows rayexec's worker contract (README, "The
+    worker contract")."""
 
     def __init__(self, rank: int, local_rank: int, world_size: int, pp_rank: int, tp_rank: int,
                  distributed_init_method: str, *, pipeline_parallel_size: int = 1,

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayexec.actor import import_worker_cls
 from rayexec.config import ExecutorConfig
+from rayexec.contract import import_worker_cls
 
 logger = logging.getLogger(__name__)
 

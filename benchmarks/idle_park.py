@@ -13,7 +13,7 @@ cores the workers used while idle (summed over workers; "settled" leaves out the
 first SETTLE_S, in which a parking executor still polls), the median warm step
 and the median first step after idle.
 
-Prints a table, writes results/idle_park.json and ends with one JSON line. Needs
+Prints a table, writes results/latest/idle_park.json and ends with one JSON line. Needs
 psutil (in the test extra: pip install -e '.[test]').
 Not here: per-step overhead under load (pp_tp_latency.py).
 """
@@ -40,7 +40,7 @@ import benchmarks  # noqa: E402
 from benchmarks.echo_worker import EchoWorker  # noqa: E402
 from rayexec import ExecutorConfig, RayDistributedExecutor  # noqa: E402
 
-RESULT = ROOT / "results" / "idle_park.json"
+RESULT = ROOT / "results" / "latest" / "idle_park.json"
 PAYLOAD = 4096
 PARK_AFTER_S = 0.5
 SETTLE_S = 1.0

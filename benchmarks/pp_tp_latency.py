@@ -11,8 +11,10 @@ Workloads: echo (a tensor of each
 payload size passed through every stage; echo_worker.py) and model (the reference
 decoder's decode step, batch 8). Each configuration is warmed up, then timed step by
 step; the records give median / p90 / p99, steps/s and, for echo, MB/s. Prints a
-table, the issue's targets as MET / MISS, writes results/pp_tp_latency.json (and
-.png when matplotlib is importable) and ends with one machine-readable line.
+table and a verdict (what each target means, met or not, and why not), writes
+results/latest/pp_tp_latency.json (git-ignored: a run changes no tracked file; the
+published run is results/pp_tp_latency.json) and a .png next to it when matplotlib
+is importable, and ends with one machine-readable line.
 
 Ray: a private local cluster (never another program's running on the same machine)
 unless RAY_ADDRESS names one. rayexec's workers run at niceness 0 (it sets
@@ -55,7 +57,7 @@ from benchmarks.runners import (  # noqa: E402
 
 logger = logging.getLogger("pp_tp_latency")
 
-DEFAULT_OUT = ROOT / "results" / "pp_tp_latency.json"
+DEFAULT_OUT = ROOT / "results" / "latest" / "pp_tp_latency.json"
 FULL = {"pp": [1, 2, 4], "tp": [1, 2], "payloads": [4 << 10, 64 << 10, 1 << 20, 16 << 20],
         "iters": 300, "warmup": 20, "max_seconds": 3.0}
 QUICK = {"pp": [2], "tp": [1, 2], "payloads": [4 << 10, 64 << 10, 1 << 20],
@@ -155,7 +157,9 @@ def layouts(args: argparse.Namespace) -> tuple[list[tuple[int, int]], list[str]]
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": sys.version.split()[0],
-                            "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()}
+                            "cpu_count": os.cpu_count(),
+                            "cores_available": len(os.sched_getaffinity(0)),
+                            "load_avg_start": os.getloadavg()}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
@@ -234,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every configuration; the JSON document."""
     cells, skipped = layouts(args)
     for why in skipped:
-        logger.warning("skipping %s", why)
+        print(f"not run: {why}", file=sys.stderr)
     if not cells:
         raise SystemExit(f"no layout fits --max-workers {args.max_workers}: {skipped}")
     modes = [m for m in MODE_ORDER if m in args.modes]
@@ -308,6 +312,18 @@ def _check_digests(doc: dict[str, Any]) -> None:
                                   "tp": r["tp"], "channel": r["channel"], "error": msg})
 
 
+def _loads(loads: tuple[float, ...]) -> str:
+    return "/".join(f"{x:.1f}" for x in loads)
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -315,17 +331,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pp_tp_latency").setLevel(logging.INFO)
     doc = run(args)
     print(report.format_table(doc["comparisons"]))
-    print(report.format_targets(doc["targets"]))
     m = doc["machine"]
-    print(f"machine: {m.get('cpu_count')} CPUs, load average {m['load_avg_start']} at the start, "
-          f"{m['load_avg_end']} at the end")
+    print(f"machine: {m['cores_available']} cores available, load average "
+          f"{_loads(m['load_avg_start'])} at the start, {_loads(m['load_avg_end'])} at the end")
     report.write_json(args.out, doc)
-    plotted = not args.no_plot and report.plot(doc["results"], args.out.with_suffix(".png"))
+    png = args.out.with_suffix(".png")
+    no_plot = "no plot: --no-plot" if args.no_plot else report.plot(doc["results"], png)
+    print(f"results: {_shown(args.out)}" + (f", plot: {_shown(png)}" if no_plot is None else ""))
+    if no_plot is not None:
+        print(no_plot)
+    if doc["errors"]:
+        print(f"{len(doc['errors'])} configuration(s) failed; see \"errors\" in the results")
+    print(report.format_verdict(doc["targets"], m["cores_available"],
+                                max(m["load_avg_start"][0], m["load_avg_end"][0])))
     summary = {"results": len(doc["results"]), "errors": len(doc["errors"]),
                "targets_met": sum(t["met"] is True for t in doc["targets"]),
                "targets_missed": sum(t["met"] is False for t in doc["targets"]),
-               "json": str(args.out), "plot": str(args.out.with_suffix(".png")) if plotted
-               else None}
+               "json": str(args.out), "plot": str(png) if no_plot is None else None,
+               "plot_skipped": no_plot}
     print("pp_tp_latency " + json.dumps(summary))
     return 1 if doc["errors"] else 0
 

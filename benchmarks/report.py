@@ -1,5 +1,5 @@
-"""Turning pp_tp_latency records into comparisons, target verdicts, a text table, the
-JSON result file and (when matplotlib is importable) a plot.
+"""Turning pp_tp_latency records into comparisons, target verdicts, a text table, a
+verdict in words, the JSON result file and (when matplotlib is importable) a plot.
 
 Pure functions over the list of records that runners.run_configuration returns;
 nothing here runs a step. Ratios compare medians of the same (workload, PP, TP,
@@ -29,6 +29,17 @@ TARGETS = (
     ("model overhead (dag - local) < 25% of the step, PP=2 x TP=1", "model", 2, 1, None,
      "dag_overhead_frac", "<", 0.25),
 )
+# What each target means to a user, in the order of TARGETS.
+MEANINGS = (
+    "a small (4 KiB) PP=2 x TP=2 step through the compiled graph costs at most a fifth "
+    "of the same step as plain Ray actor calls",
+    "the same for a 1 MiB step",
+    "a 1 MiB PP=2 x TP=2 step costs at most 3x a hand-written pipeline of plain processes "
+    "over shared memory (no Ray)",
+    "in a real decode step (PP=2 x TP=1), under a quarter of the time is spent outside the "
+    "model's compute",
+)
+DOCS = "docs/benchmarks.md"
 
 
 def human_bytes(n: int) -> str:
@@ -70,8 +81,9 @@ def compare(records: Iterable[Record]) -> list[Record]:
             row["rpc_over_dag"] = _ratio(med["rpc"], med["dag"])
             row["dag_over_floor"] = _ratio(med["dag"], med["floor"])
             for mode in ("dag", "rpc", "floor"):
+                # echo does no compute: time "outside the compute" is the whole step
                 over = None if med[mode] is None or med["local"] is None \
-                    else med[mode] - med["local"]
+                    or row["workload"] == "echo" else med[mode] - med["local"]
                 row[f"{mode}_overhead_us"] = over
                 row[f"{mode}_overhead_frac"] = _ratio(over, med[mode])
             rows.append(row)
@@ -85,9 +97,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def evaluate_targets(rows: list[Record]) -> list[Record]:
-    """The issue's targets with the measured value; met=None when not measured."""
+    """The targets with the measured value; met=None when not measured."""
     verdicts = []
-    for name, workload, pp, tp, payload, metric, op, threshold in TARGETS:
+    for (name, workload, pp, tp, payload, metric, op, threshold), meaning in zip(TARGETS,
+                                                                                MEANINGS):
         values = [r[metric] for r in rows if r["workload"] == workload and r["pp"] == pp
                   and r["tp"] == tp and (payload is None or r["payload_bytes"] == payload)
                   and r[metric] is not None]
@@ -95,8 +108,49 @@ def evaluate_targets(rows: list[Record]) -> list[Record]:
         met = None if value is None else {">=": value >= threshold, "<=": value <= threshold,
                                           "<": value < threshold}[op]
         verdicts.append({"name": name, "metric": metric, "value": value, "op": op,
-                         "threshold": threshold, "met": met})
+                         "threshold": threshold, "met": met, "meaning": meaning,
+                         "processes": pp * tp + 1})  # the workers and the driver
     return verdicts
+
+
+def why_missed(verdict: Record, cores: int) -> str:
+    """One line on the likely cause of a missed target on this machine."""
+    processes = verdict["processes"]
+    if processes > cores:
+        return (f"{processes} processes (the workers and the driver) share {cores} core(s); "
+                f"Ray's compiled-graph readers poll while they wait, so each hand-off waits "
+                f"for a core; see {DOCS}")
+    return f"not the known cause (a core for each process here); see {DOCS}"
+
+
+def format_verdict(verdicts: list[Record], cores: int, load: float | None = None) -> str:
+    """The run's conclusion in words: each target's meaning, met or not, and why not.
+    `load`: the highest 1-minute load average seen; above `cores`, other work shared
+    the machine and the verdict says the numbers are not to be trusted."""
+    measured = [v for v in verdicts if v["met"] is not None]
+    met = sum(v["met"] is True for v in measured)
+    lines = [f"verdict: {met} of {len(measured)} measured targets met on this machine "
+             f"({cores} core(s) available)"]
+    if load is not None and load > cores:
+        lines.append(f"  caution: the machine was busy with other work (load average up to "
+                     f"{load:.1f} on {cores} cores), so these numbers, met or missed, say "
+                     f"little; run again on a quiet machine")
+    for v in verdicts:
+        state = {True: "met", False: "MISSED", None: "not measured"}[v["met"]]
+        value = "" if v["value"] is None else f" (measured {_fmt_metric(v)})"
+        lines.append(f"  {state}: {v['meaning']}{value}")
+        if v["met"] is False:
+            lines.append(f"    why: {why_missed(v, cores)}")
+    if len(measured) < len(verdicts):
+        lines.append("  (a target is measured only when its layout and payload are in the run; "
+                     "the plain command runs them all)")
+    return "\n".join(lines)
+
+
+def _fmt_metric(v: Record) -> str:
+    if v["metric"].endswith("_frac"):
+        return f"{100 * v['value']:.0f}%, target {v['op']} {100 * v['threshold']:g}%"
+    return f"{v['value']:.1f}x, target {v['op']} {v['threshold']:g}x"
 
 
 def _fmt(value: float | None, spec: str = ".0f", suffix: str = "") -> str:
@@ -115,8 +169,10 @@ def format_table(rows: list[Record]) -> str:
             _fmt(r["rpc_median_us"]), _fmt(r["dag_median_us"]), _fmt(r["dag_p99_us"]),
             _fmt(r["dag_mb_per_s"]) if r["workload"] == "echo" else "",
             _fmt(r["rpc_over_dag"], ".1f", "x"), _fmt(r["dag_over_floor"], ".1f", "x"),
-            _fmt(None if r["dag_overhead_frac"] is None else 100 * r["dag_overhead_frac"],
-                 ".0f", "%"),
+            # echo does no compute, so "time outside the compute" says nothing there
+            "" if r["workload"] == "echo" else _fmt(
+                None if r["dag_overhead_frac"] is None else 100 * r["dag_overhead_frac"],
+                ".0f", "%"),
         ))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = []
@@ -126,18 +182,8 @@ def format_table(rows: list[Record]) -> str:
         if n == 0:
             out.append("-" * len(out[0]))
     out.append("medians in us; rpc/dag = how many times faster the DAG is; dag/floor = how "
-               "far from the no-Ray floor; overhead = (dag - local) / dag")
+               "far from the no-Ray floor; overhead = (dag - local) / dag, model rows only")
     return "\n".join(out)
-
-
-def format_targets(verdicts: list[Record]) -> str:
-    lines = []
-    for v in verdicts:
-        state = {True: "MET ", False: "MISS", None: "n/a "}[v["met"]]
-        value = "not measured" if v["value"] is None else f"{v['value']:.2f}"
-        lines.append(f"  [{state}] {v['name']}: {v['metric']} = {value} "
-                     f"(target {v['op']} {v['threshold']:g})")
-    return "targets:\n" + "\n".join(lines)
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -147,16 +193,20 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
     tmp.replace(path)  # never leave a half-written result file
 
 
-def plot(records: list[Record], path: Path) -> bool:
-    """Latency vs payload (echo) and vs PP (TP=1) per mode; False without matplotlib."""
+PLOT_MISSING = ("no plot: matplotlib is not installed; pip install -e '.[plot]' (or pip "
+                "install matplotlib) and run again to get it")
+
+
+def plot(records: list[Record], path: Path) -> str | None:
+    """Latency vs payload (echo) and vs PP (TP=1) per mode. None when written, else
+    why not (matplotlib missing)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.info("matplotlib is not installed (pip install -e '.[plot]'); no plot")
-        return False
+        return PLOT_MISSING
 
     colors = {"dag": "tab:blue", "rpc": "tab:red", "floor": "tab:orange", "local": "tab:green"}
     markers = iter("osD^v<>")
@@ -204,4 +254,4 @@ def plot(records: list[Record], path: Path) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    return None

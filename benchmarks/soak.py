@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="requests per decode step")
-    parser.add_argument("--out", default="results/soak.json")
+    parser.add_argument("--out", default="results/latest/soak.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 

@@ -35,7 +35,7 @@ machine drifts between rounds more than between the two turns of one round, so t
 paired ratio is the sharper comparison, and the interval says whether the rounds
 resolve a difference at all.
 
-Prints a table, writes results/vllm_throughput.json and ends with one JSON line.
+Prints a table, writes results/latest/vllm_throughput.json and ends with one JSON line.
 Not here: accuracy, serving latency under load (`vllm bench serve` does that).
 """
 
@@ -71,7 +71,7 @@ BACKENDS = ("rayexec", "mp", "ray", "ray-v2", "rayexec-rpc")
 DEFAULT_BACKENDS = ("rayexec", "mp", "ray", "ray-v2")
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
 MODES = ("interleaved", "separate")
-RESULT = ROOT / "results" / "vllm_throughput.json"
+RESULT = ROOT / "results" / "latest" / "vllm_throughput.json"
 CHILD_TIMEOUT_S = 900
 
 

@@ -17,7 +17,6 @@ environments; `layout.py` does.
 from __future__ import annotations
 
 import gc
-import importlib
 import logging
 import os
 import socket
@@ -32,33 +31,13 @@ import cloudpickle
 import ray
 
 from rayexec import envs, wire
+from rayexec.contract import import_worker_cls
 from rayexec.errors import WorkerError
 from rayexec.park import Park, ParkGate
 
 logger = logging.getLogger(__name__)
 
 CONCURRENCY_GROUPS = {"control": 2, "monitor": 1}
-
-
-def import_worker_cls(worker_cls: type | str) -> type:
-    """The class itself, importing "pkg.module.Class" strings."""
-    if isinstance(worker_cls, type):
-        return worker_cls
-    module_name, _, cls_name = worker_cls.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(
-            f"ExecutorConfig.worker_cls={worker_cls!r} cannot be imported: {e}. Install the "
-            f"package that defines it on the driver and every node, or pass the class object"
-        ) from None
-    cls = getattr(module, cls_name, None)
-    if not isinstance(cls, type):
-        raise ValueError(
-            f"ExecutorConfig.worker_cls={worker_cls!r}: module {module_name!r} has no class "
-            f"{cls_name!r}"
-        )
-    return cls
 
 
 def _pin_process(cores: tuple[int, ...]) -> None:

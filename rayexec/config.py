@@ -1,7 +1,7 @@
 """ExecutorConfig: everything the user chooses about an executor, in one frozen
 dataclass validated at construction.
 
-Each field's docstring is its documentation (the README table is generated from
+Each field's docstring is its documentation (docs/configuration.md is generated from
 the same text). Errors name the field, the value given and what is allowed. The
 config is never written after construction; runtime facts (the placement group
 actually used, the rank order) live in the executor. Environment variables reach
@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayexec.contract import RANK_ARGUMENTS
 from rayexec.layout import WORKER_SPECIFIC_VARS
 from rayexec.platform import DEVICE_KINDS
 
@@ -24,9 +25,7 @@ CHANNELS = ("auto", "nccl", "shm")
 FORWARD_MODES = ("dag", "rpc")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Keyword arguments rayexec itself passes to the worker class.
-RESERVED_WORKER_KWARGS = frozenset(
-    {"rank", "local_rank", "world_size", "pp_rank", "tp_rank", "distributed_init_method"}
-)
+RESERVED_WORKER_KWARGS = frozenset(RANK_ARGUMENTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,8 +81,8 @@ class ExecutorConfig:
     idle_park_s: float | None = 1.0
     """forward="dag" only: after this many seconds with no step, the workers sleep
     until the next step instead of polling Ray's channels (one core each while
-    idle); the first step after it pays a wake-up (2-3 ms measured). None: never
-    park (lowest latency after a pause, at a core per worker)."""
+    idle); the first step after it pays a wake-up (a few ms; docs/benchmarks.md).
+    None: never park (lowest latency after a pause, at a core per worker)."""
     env_vars: Mapping[str, str] = field(default_factory=dict)
     """Extra environment variables given to every worker."""
     env_prefixes_to_copy: tuple[str, ...] = ("NCCL_", "GLOO_", "TORCH_")

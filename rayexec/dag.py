@@ -37,6 +37,24 @@ MIN_RAY_VERSION = "2.44.0"
 CUPY_HINT = "pip install 'ray[cgraph]' (it brings cupy-cuda12x; use cupy-rocm-* on ROCm)"
 
 
+_teardown_explained = False
+
+
+def _log_blocked_teardown(timeout_s: float) -> None:
+    """Known Ray behaviour, not a fault: say why once per process (INFO), then DEBUG,
+    so a program that closes many executors is not flooded."""
+    global _teardown_explained
+    if _teardown_explained:
+        logger.debug("compiled graph teardown still running after %gs; killing its workers",
+                     timeout_s)
+        return
+    _teardown_explained = True
+    logger.info("compiled graph teardown still running after %gs: Ray 2.60's shared-memory "
+                "readers can stay blocked after a graph moved payloads of about 1 MB or more. "
+                "Killing its workers releases it; nothing is lost (the graph was being closed). "
+                "Said once per process.", timeout_s)
+
+
 def check_compiled_graphs() -> None:
     """Raise ImportError when this Ray cannot build the forward DAG."""
     found = getattr(ray, "__version__", "unknown")
@@ -156,8 +174,7 @@ class ForwardDag:
             self._teardown_thread.start()
         self._teardown_thread.join(timeout_s)
         if self._teardown_thread.is_alive():
-            logger.warning("compiled DAG teardown still running after %gs; blocked workers "
-                           "will be killed to release it", timeout_s)
+            _log_blocked_teardown(timeout_s)
             return False
         return True
 

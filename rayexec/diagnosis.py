@@ -89,3 +89,15 @@ def _bundles_that_fit(bundle: Mapping[str, float], free: Mapping[str, float]) ->
         for k, v in bundle.items() if v > 0 and not k.startswith("node:")
     ]
     return min(counts) if counts else 0
+
+
+def cpu_oversubscription(workers: int, cores: int) -> str | None:
+    """A warning when more CPU workers share the driver's node than it has cores for
+    (each worker computes on its own threads, and a compiled graph's readers poll
+    while they wait); None when each worker can have a core."""
+    if workers <= cores:
+        return None
+    return (f"{workers} CPU workers share this node's {cores} core(s) (os.sched_getaffinity "
+            f"of the driver): they take turns on the cores, so steps run slower than with a "
+            f"core each; results are the same. For speed, use at most {cores} workers here "
+            f"(pipeline_parallel_size x tensor_parallel_size) or add nodes.")

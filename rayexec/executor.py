@@ -35,8 +35,8 @@ from ray.exceptions import (
     RayTaskError,
 )
 
-from rayexec.actor import import_worker_cls
 from rayexec.config import ExecutorConfig
+from rayexec.contract import load_worker_cls
 from rayexec.dag import ForwardDag, check_compiled_graphs, resolve_transport
 from rayexec.errors import (
     ExecutorClosedError,
@@ -141,7 +141,7 @@ class RayDistributedExecutor:
     # ---- start-up -------------------------------------------------------------------------
     def _start(self) -> None:
         c = self.config
-        self.worker_cls = import_worker_cls(c.worker_cls)
+        self.worker_cls = load_worker_cls(c.worker_cls, c.worker_kwargs)
         if c.forward == "dag":
             check_compiled_graphs()
         how = ensure_ray(c)

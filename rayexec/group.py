@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -29,11 +30,12 @@ from rayexec import envs, layout
 from rayexec.actor import (
     CONCURRENCY_GROUPS,
     RankActor,
-    import_worker_cls,
     is_local_address,
 )
 from rayexec.cluster import driver_node_ip
 from rayexec.config import ExecutorConfig
+from rayexec.contract import import_worker_cls, load_worker_cls
+from rayexec.diagnosis import cpu_oversubscription
 from rayexec.errors import ExecutorTimeoutError, PlacementError, WorkerDiedError, WorkerError
 from rayexec.placement import (
     Placement,
@@ -70,6 +72,19 @@ def unpicklable_is_clear(what: str) -> Iterator[None]:
             f"picklable values (plain data, tensors), or create the object inside the worker "
             f"(e.g. in a callable passed to collective_rpc)."
         ) from None
+
+
+_oversubscribed_warned: set[tuple[int, int]] = set()
+
+
+def _warn_oversubscribed(workers: int) -> None:
+    """Once per process and count: a program that starts many executors of one
+    layout (a benchmark, a test suite) hears it once."""
+    cores = len(os.sched_getaffinity(0))
+    message = cpu_oversubscription(workers, cores)
+    if message and (workers, cores) not in _oversubscribed_warned:
+        _oversubscribed_warned.add((workers, cores))
+        logger.warning(message)
 
 
 def _url_host(ip: str) -> str:
@@ -115,7 +130,7 @@ class WorkerGroup:
     def launch(cls, config: ExecutorConfig, platform: Platform | None = None) -> WorkerGroup:
         """Join or start Ray, acquire the placement, start the workers. On failure
         nothing is left behind."""
-        import_worker_cls(config.worker_cls)  # a clear error before anything starts
+        load_worker_cls(config.worker_cls, config.worker_kwargs)  # before anything starts
         if platform is None:
             ensure_ray(config)
             platform = resolve_platform(config.device, ray.cluster_resources())
@@ -137,6 +152,10 @@ class WorkerGroup:
         self.platform = platform
         self.placement = placement
         self.topology = layout.Topology(config.pipeline_parallel_size, config.tensor_parallel_size)
+        # The class object, not its "pkg.module.Class" name, goes to the actors: a class
+        # named "__main__.X" exists only in the driver's __main__, and cloudpickle sends
+        # such a class by value (an importable one still goes by reference).
+        self.worker_cls = import_worker_cls(config.worker_cls)
         self.actors: list[ActorHandle] = []  # rank order once started
         self.plans: list[layout.RankPlan] = []
         self._created: list[ActorHandle] = []  # creation order, for cleanup
@@ -194,6 +213,8 @@ class WorkerGroup:
         self.actors = [self._created[p.worker_index] for p in self.plans]
         self.actor_rank = {a._actor_id.hex(): r for r, a in enumerate(self.actors)}
         logger.info("rank layout:\n%s", layout.format_layout(self.plans, self.platform))
+        if keep_order is None and not self.platform.is_accelerator:
+            _warn_oversubscribed(sum(p.node_id == driver_node for p in self.plans))
 
         self._wait([a.update_environment_variables.remote(dict(p.env))
                     for a, p in zip(self.actors, self.plans)],
@@ -202,7 +223,7 @@ class WorkerGroup:
         self._wait(
             [
                 a.init_worker.remote(
-                    self.config.worker_cls,
+                    self.worker_cls,
                     {**self.config.worker_kwargs, **self.rank_kwargs(p, init_method)},
                     self.topology.pp,
                     p.cpu_threads if not self.platform.is_accelerator else None,
@@ -279,7 +300,7 @@ class WorkerGroup:
         # Ray renices worker processes to 15 so its daemons stay responsive; these
         # workers are the engine's compute. Compiled-graph readers poll while they
         # wait, so at 15 they lose their cores to the nice-0 driver waiting on them
-        # (measured: 1 MiB PP=2 x TP=2 step 11.7 -> 6.1 ms on 2 cores). Ray's core
+        # (docs/benchmarks.md has the step times before and after). Ray's core
         # worker reads this variable when the process starts.
         env.setdefault("RAY_worker_niceness", "0")
         if self.platform.noset_var:

@@ -1,8 +1,8 @@
 """Idle parking: compiled-graph workers sleep, instead of polling, when no step comes.
 
 Ray's compiled-graph channel readers poll (a `sched_yield` loop) while they wait
-for input, so an idle executor keeps one core busy per worker (measured here: 1.0
-core per waiting actor, for as long as it waits). vLLM's own workers poll for 1 s
+for input, so an idle executor keeps one core busy per worker, for as long as it
+waits (docs/benchmarks.md, "Idle"). vLLM's own workers poll for 1 s
 after their last step and then sleep; this module gives rayexec's DAG workers the
 same: after `ExecutorConfig.idle_park_s` with no step, the driver sends PP "park"
 steps down the graph. On park step j, the workers of stage pp_rank block (on a

@@ -1,16 +1,21 @@
 """The bad-input catalogue: each row is a mistake a user can make, the exception it
-must raise and words its message must contain. tests/integration/test_bad_inputs.py
-runs every row (and checks nothing is left behind); `python -m tests.bad_inputs`
-runs them all and prints the README table with the messages actually produced.
+must raise (or the warning it must log) and words its message must contain.
+tests/integration/test_bad_inputs.py runs every row (and checks nothing is left
+behind); `python -m tests.bad_inputs` runs them all and prints the table of
+docs/failures.md with the messages actually produced (`--write` puts it there).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,7 +29,17 @@ from rayexec import (
     RayDistributedExecutor,
     WorkerError,
 )
-from tests.workers import BrokenInitWorker, RecordingWorker
+from tests.workers import BrokenInitWorker, RankOnlyWorker, RecordingWorker
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "failures.md"
+TABLE_START = "<!-- bad-inputs table: python -m tests.bad_inputs --write -->"
+TABLE_END = "<!-- end of bad-inputs table -->"
+
+
+class LoggedWarning(Exception):
+    """A row whose mistake is worth a warning, not an error: the warning's text,
+    raised by the row so that the catalogue checks it like an exception."""
 
 
 def config(**kw: Any) -> ExecutorConfig:
@@ -103,7 +118,7 @@ def _unreachable_address(ctx: Context) -> None:
     code = ("from rayexec import ExecutorConfig, RayDistributedExecutor\n"
             "RayDistributedExecutor(ExecutorConfig(worker_cls='tests.workers.RecordingWorker',"
             " device='cpu'))\n")
-    env = {**__import__("os").environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
@@ -113,13 +128,30 @@ def _unreachable_address(ctx: Context) -> None:
 
 
 def _bad_env_value(ctx: Context) -> None:
-    import os
-
     os.environ["RAYEXEC_BUNDLE_INDICES"] = "0,x"
     try:
         ExecutorConfig.from_env(worker_cls=RecordingWorker)
     finally:
         del os.environ["RAYEXEC_BUNDLE_INDICES"]
+
+
+def _more_workers_than_cores(ctx: Context) -> None:
+    """The driver's thread pinned to one core: two CPU workers outnumber it."""
+    from rayexec import group
+
+    group._oversubscribed_warned.clear()  # warned once per process and count
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("rayexec.group").addHandler(handler)
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})
+    try:
+        RayDistributedExecutor(config(pipeline_parallel_size=2)).shutdown()
+    finally:
+        os.sched_setaffinity(0, saved)
+        logging.getLogger("rayexec.group").removeHandler(handler)
+    raise LoggedWarning(next((m for m in seen if "CPU workers share" in m), "NO WARNING"))
 
 
 ROWS: list[Row] = [
@@ -167,6 +199,14 @@ ROWS: list[Row] = [
     Row("no-import", "worker_cls='no_such_pkg.Worker'",
         lambda ctx: RayDistributedExecutor(config(worker_cls="no_such_pkg.Worker")), ValueError,
         ("cannot be imported", "No module named 'no_such_pkg'")),
+    Row("misspelt-cls", "worker_cls='tests.workers.RecordingWorkr' (misspelt)",
+        lambda ctx: RayDistributedExecutor(config(worker_cls="tests.workers.RecordingWorkr")),
+        ValueError, ("has no class 'RecordingWorkr'", "did you mean 'RecordingWorker'?"),
+        needs_ray=False),
+    Row("bad-signature", "a worker class whose __init__ takes only rank",
+        lambda ctx: RayDistributedExecutor(config(worker_cls=RankOnlyWorker)), TypeError,
+        ("RankOnlyWorker(rank) cannot be built", "every worker receives rank, local_rank, "
+         "world_size, pp_rank, tp_rank and distributed_init_method")),
     Row("init-raises", "the worker's __init__ raises (rank 1)",
         lambda ctx: RayDistributedExecutor(config(pipeline_parallel_size=2,
                                                   worker_cls=BrokenInitWorker)),
@@ -225,6 +265,9 @@ def _duplicate_node_ips(ctx: Context) -> None:
         ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR")
 
 
+ROWS.append(Row("cpu-oversubscribed", "more CPU workers than the driver's cores (2 on 1)",
+                _more_workers_than_cores, LoggedWarning,
+                ("2 CPU workers share this node's 1 core(s)", "at most 1 workers")))
 ROWS.append(Row("duplicate-ip", "two Ray nodes reporting the same IP", _duplicate_node_ips,
                 PlacementError, ("2 nodes report the same IP 127.0.0.5", "RAYEXEC_HOST_IP")))
 
@@ -237,8 +280,16 @@ def run_row(row: Row, ctx: Context) -> BaseException | None:
     return None
 
 
+def stable(text: str) -> str:
+    """A message as it reads on any machine: paths relative to the repository, and
+    no object addresses or Ray node ids (they change from run to run)."""
+    text = text.replace(f"{ROOT}/", "")
+    text = re.sub(r"\b0x[0-9a-f]{6,}\b", "0x…", text)
+    return re.sub(r"'[0-9a-f]{56}'", "'…'", text)
+
+
 def markdown_table() -> str:
-    """Runs every row on a local Ray and renders the README table."""
+    """Runs every row on a local Ray and renders the table of docs/failures.md."""
     ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR")
     ctx = Context()
     lines = ["| # | bad input | exception | message (as produced) |", "|---|---|---|---|"]
@@ -246,15 +297,30 @@ def markdown_table() -> str:
         for i, row in enumerate(ROWS, 1):
             error = run_row(row, ctx)
             text = " ".join(str(error).split()) if error else "NO ERROR"
+            text = stable(text)
             if len(text) > 300:
                 text = text[:297] + "..."
-            lines.append(f"| {i} | {row.mistake} | `{type(error).__name__}` | "
-                         f"{text.replace('|', '/')} |")
+            kind = ("warning (logged)" if isinstance(error, LoggedWarning)
+                    else f"`{type(error).__name__}`")
+            lines.append(f"| {i} | {row.mistake} | {kind} | {text.replace('|', '/')} |")
     finally:
         ctx.close()
         ray.shutdown()
     return "\n".join(lines)
 
 
+def write_table(table: str, doc: Path = DOC) -> None:
+    """Replace the table between the markers of docs/failures.md."""
+    text = doc.read_text()
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    doc.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}")
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    table = markdown_table()
+    if "--write" in sys.argv[1:]:
+        write_table(table)
+        print(f"wrote {DOC.relative_to(ROOT)}")
+    else:
+        print(table)

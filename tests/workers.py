@@ -90,6 +90,13 @@ def expected(x, pp=2):
     return h
 
 
+class RankOnlyWorker:
+    """A constructor that takes only `rank`: rayexec refuses it on the driver."""
+
+    def __init__(self, rank):
+        self.rank = rank
+
+
 class BrokenInitWorker(RecordingWorker):
     """Raises in __init__ on rank 1."""
 

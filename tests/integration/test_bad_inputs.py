@@ -1,5 +1,6 @@
-"""Every row of the bad-input catalogue (tests/bad_inputs.py, also the README table):
-the right exception, a message with the key words, and nothing left behind."""
+"""Every row of the bad-input catalogue (tests/bad_inputs.py, also the table in
+docs/failures.md): the right exception, a message with the key words, and nothing
+left behind."""
 
 from __future__ import annotations
 

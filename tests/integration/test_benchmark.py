@@ -3,8 +3,9 @@ numbers for every cell, and the JSON has the documented schema. No timing is ass
 (timings belong to the benchmark's output, not to tests).
 
 One run goes through the script in a subprocess started from another directory (the
-path users take; Ray workers must still find EchoWorker); the other calls `main()`
-in-process through the package import, with the Ray-free modes only.
+path users take; Ray workers must still find EchoWorker), writing where the README
+command writes (results/latest/, git-ignored) and ending with the verdict; the other
+calls `main()` in-process through the package import, with the Ray-free modes only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ RECORD_FIELDS = {
     "mode": str, "workload": str, "channel": str, "pp": int, "tp": int, "payload_bytes": int,
     "iters": int, "median_us": float, "p90_us": float, "p99_us": float, "steps_per_s": float,
 }
-FAST = ["--iters", "4", "--warmup", "1", "--max-seconds", "0.5", "--no-plot"]
+FAST = ["--iters", "4", "--warmup", "1", "--max-seconds", "0.5"]
+
+
+def tracked_changes() -> str | None:
+    """`git status` of tracked files, or None without a git checkout."""
+    if not (ROOT / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
 
 
 def check_document(doc: dict, modes: list[str], workloads: list[str], cells: list[tuple],
@@ -56,25 +69,62 @@ def check_document(doc: dict, modes: list[str], workloads: list[str], cells: lis
 
 
 def test_script_quick_run_all_modes(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+    from benchmarks import pp_tp_latency
+
+    out = pp_tp_latency.DEFAULT_OUT  # where the README command writes
+    before = tracked_changes()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--pp", "2", "--tp", "1", "--payloads", "4k",
-         *FAST, "--out", str(out)],
+         *FAST],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("pp_tp_latency {"), last
-    summary = json.loads(last.split(" ", 1)[1])
+    assert tracked_changes() == before, "the benchmark changed tracked files"
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("pp_tp_latency {"), lines[-1]
+    summary = json.loads(lines[-1].split(" ", 1)[1])
     assert summary["errors"] == 0 and summary["results"] > 0
+    assert Path(summary["json"]) == out
+    # A plot, or the reason there is none and how to get it.
+    assert (summary["plot"] and Path(summary["plot"]).exists()) or \
+        "pip install -e '.[plot]'" in summary["plot_skipped"], summary
+    # The verdict: every target in words, met / MISSED / not measured; a miss says why.
+    verdict = "\n".join(lines[next(i for i, line in enumerate(lines)
+                                   if line.startswith("verdict: ")):-1])
+    from benchmarks.report import MEANINGS
+
+    for meaning in MEANINGS:
+        assert meaning in verdict, verdict
+    assert "measured targets met" in verdict
+    assert verdict.count("MISSED") == verdict.count("why: "), verdict
+    assert "not measured" in verdict  # --pp 2 --tp 1 leaves the PP=2 x TP=2 targets out
     doc = json.loads(out.read_text())
     check_document(doc, ["dag", "rpc", "floor", "local"], ["echo", "model"], [(2, 1)], [4096])
     assert doc["ray_worker_niceness"] is not None
     targets = {t["name"]: t for t in doc["targets"]}
     model_target = next(t for name, t in targets.items() if name.startswith("model overhead"))
     assert model_target["value"] is not None  # measured: PP=2 x TP=1 was in the grid
+    for row in doc["comparisons"]:  # echo does no compute: no overhead to report
+        assert (row["dag_overhead_frac"] is None) == (row["workload"] == "echo"), row
+
+
+def test_missed_target_says_why_and_points_to_the_docs() -> None:
+    from benchmarks import report
+
+    rows = [{"workload": "echo", "pp": 2, "tp": 2, "payload_bytes": 4096,
+             "rpc_over_dag": 4.1, "dag_over_floor": 7.0}]
+    verdicts = report.evaluate_targets(rows)
+    text = report.format_verdict(verdicts, cores=2)
+    assert "MISSED: " + report.MEANINGS[0] in text and "(measured 4.1x, target >= 5x)" in text
+    assert "5 processes (the workers and the driver) share 2 core(s)" in text
+    assert "docs/benchmarks.md" in text
+    assert text.startswith("verdict: 0 of 1 measured targets met")
+    roomy = report.format_verdict(verdicts, cores=16)
+    assert "not the known cause" in roomy and "docs/benchmarks.md" in roomy
+    assert "caution" not in report.format_verdict(verdicts, cores=2, load=1.5)
+    assert "load average up to 30.0 on 2 cores" in report.format_verdict(verdicts, 2, 30.0)
 
 
 def test_main_in_process_floor_and_local(tmp_path: Path) -> None:
@@ -83,7 +133,7 @@ def test_main_in_process_floor_and_local(tmp_path: Path) -> None:
 
     out = tmp_path / "floor.json"
     code = pp_tp_latency.main(["--pp", "1,2", "--tp", "2", "--payloads", "4k,64k", "--modes",
-                               "floor,local", *FAST, "--out", str(out)])
+                               "floor,local", *FAST, "--no-plot", "--out", str(out)])
     assert code == 0
     doc = json.loads(out.read_text())
     check_document(doc, ["floor", "local"], ["echo", "model"], [(1, 2), (2, 2)], [4096, 65536])

@@ -3,6 +3,8 @@ the compiled DAG and plain calls, errors, closing."""
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -182,6 +184,26 @@ def test_worker_cls_as_string_and_single_worker(local_ray, no_leaks):
         assert torch.equal(single.execute_model({"x": [1.0]})["h"], expected([1.0], pp=1))
 
 
+def test_more_cpu_workers_than_cores_warns_once_with_the_numbers(local_ray, no_leaks, caplog,
+                                                                 monkeypatch):
+    """The driver's thread is pinned to one core, so two CPU workers outnumber its
+    cores; two executors of that layout give one warning, not one per executor."""
+    from rayexec import group
+
+    monkeypatch.setattr(group, "_oversubscribed_warned", set())
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})
+    try:
+        with caplog.at_level(logging.WARNING, logger="rayexec.group"):
+            for _ in range(2):
+                RayDistributedExecutor(config(tensor_parallel_size=1)).shutdown()
+    finally:
+        os.sched_setaffinity(0, saved)
+    warnings = [r.getMessage() for r in caplog.records if "CPU workers share" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "2 CPU workers share this node's 1 core(s)" in warnings[0]
+
+
 def test_calls_after_shutdown_raise_closed_and_shutdown_is_idempotent(local_ray, no_leaks):
     executor = RayDistributedExecutor(config(pipeline_parallel_size=1))
     executor.shutdown()
@@ -211,6 +233,11 @@ def test_worker_class_defined_in_main_with_embedded_ray(tmp_path):
             cfg = ExecutorConfig(pipeline_parallel_size=2, worker_cls=MainWorker)
             with RayDistributedExecutor(cfg) as ex:
                 print("RESULT", ex.execute_model(10), ex.collective_rpc(lambda w: w.rank))
+            # The same class named by a string: the actors get the class, not the name
+            # (their own __main__ is Ray's worker script).
+            named = ExecutorConfig(worker_cls="__main__.MainWorker", device="cpu")
+            with RayDistributedExecutor(named) as ex:
+                print("NAMED", ex.execute_model(5))
             ray.shutdown()
     """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
@@ -218,6 +245,7 @@ def test_worker_class_defined_in_main_with_embedded_ray(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # stage 0 (rank 0): 10 + 0; stage 1 (rank 1): 10 + 10 + 1
     assert "RESULT 21 [0, 1]" in done.stdout
+    assert "NAMED 5" in done.stdout
 
 
 def test_shared_executors_leave_nothing_behind(local_ray):

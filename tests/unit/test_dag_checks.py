@@ -37,3 +37,17 @@ def test_missing_cgraph_parts_name_the_install(monkeypatch):
 
 def test_this_ray_passes():
     dag.check_compiled_graphs()
+
+
+def test_blocked_teardown_is_explained_once_at_info(monkeypatch, caplog):
+    """A known Ray 2.60 behaviour: one INFO line with the reason, then DEBUG only."""
+    import logging
+
+    monkeypatch.setattr(dag, "_teardown_explained", False)
+    with caplog.at_level(logging.DEBUG, logger="rayexec.dag"):
+        for _ in range(3):
+            dag._log_blocked_teardown(5.0)
+    levels = [r.levelno for r in caplog.records]
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG]
+    assert "Ray 2.60" in caplog.records[0].getMessage()
+    assert "nothing is lost" in caplog.records[0].getMessage()

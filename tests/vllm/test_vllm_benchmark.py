@@ -1,5 +1,6 @@
-"""benchmarks/vllm_throughput.py end to end, small: the README's comparison command
-still runs, splits its rounds over fresh engine starts and checks the token ids.
+"""benchmarks/vllm_throughput.py end to end, small: the comparison command of
+docs/benchmarks.md still runs, splits its rounds over fresh engine starts and checks
+the token ids.
 
 Timing is not asserted (speed belongs to the benchmark's own output); what is
 asserted is the shape of what it writes and that the backends agree.

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from vllm.sequence import IntermediateTensors
 
-# Measured with a bare 2-stage compiled graph on a 2-core CPU host, round trip with
-# 2 x [N, 256] bf16 as the stage output: N=4 0.29-0.33 ms as pickled bytes, 0.45 ms
-# as numpy arrays in the payload, 0.48-0.85 ms over the shm tensor transport; at
-# 4 MiB the transport wins (2.1 ms vs 3.5 ms with numpy, 7.3 ms as bytes).
+# Below this size one pickled bytes message costs less than the shm tensor
+# transport's per-message work; well above it (MiBs) the transport wins. The
+# measurements behind the choice are in docs/benchmarks.md ("vLLM stage outputs").
 SMALL_EDGE_BYTES = 64 << 10
 
 
