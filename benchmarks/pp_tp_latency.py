@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _check_digests(doc)
     doc["results"] = merge_rounds(raw)
     doc["comparisons"] = report.compare(doc["results"])
-    doc["targets"] = report.evaluate_targets(doc["comparisons"])
+    doc["targets"] = report.evaluate_targets(doc["comparisons"], channels[0])
     return doc
 
 
