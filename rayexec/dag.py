@@ -5,7 +5,8 @@ here behind one small interface: `ForwardDag(grid, transport)`, `.execute(packed
 returning one result ref per last-stage worker, `.teardown(timeout_s)`. The plain
 Ray-call path (forward="rpc") lives in the executor and needs none of this.
 
-Checks with clear errors: Ray too old or `ray[cgraph]` missing, nccl without cupy.
+Checks with clear errors: Ray too old or `ray[cgraph]` missing, nccl without cupy
+on a worker (the executor asks the workers; the driver needs no cupy).
 Teardown is bounded: on Ray 2.60 a graph that moved ~1 MB payloads over shared
 memory can hang in teardown (a reader stays blocked after close); the caller then
 kills the actors, which releases it.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -24,7 +25,8 @@ from packaging.version import Version
 logger = logging.getLogger(__name__)
 
 MIN_RAY_VERSION = "2.44.0"
-CUPY_HINT = "pip install 'ray[cgraph]' (it brings cupy-cuda12x; use cupy-rocm-* on ROCm)"
+CUPY_HINT = ("install cupy on every worker node, matching its CUDA: pip install "
+             "cupy-cuda12x (CUDA 12) or cupy-cuda13x (CUDA 13); cupy-rocm-* on ROCm")
 
 
 def check_compiled_graphs() -> None:
@@ -50,28 +52,42 @@ def check_compiled_graphs() -> None:
         )
 
 
-def check_nccl_transport() -> None:
-    """cupy is how Ray's compiled graphs drive NCCL; fail early without it."""
-    try:
-        import cupy  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"channel='nccl' needs cupy for Ray's NCCL channels ({e}). {CUPY_HINT}"
-                          ) from e
+def resolve_transport(
+    channel: str, whole_gpus: bool, manage_visibility: bool = True,
+    no_cupy: Mapping[int, str] | None = None,
+) -> str:
+    """The edge transport: nccl, shm or gloo.
 
-
-def resolve_transport(channel: str, all_workers_have_gpu: bool) -> str:
-    """The edge transport: nccl or shm. auto = nccl when every worker has a GPU of
-    its own (`all_workers_have_gpu`)."""
+    `whole_gpus`: every worker holds a whole GPU of its own. `no_cupy`: rank -> import
+    error, for the workers where cupy (Ray's NCCL driver) does not import; it is
+    checked on the workers, not the driver. auto = nccl when it can work, else shm
+    (with a warning naming the ranks when only cupy is missing)."""
+    no_cupy = dict(no_cupy or {})
     if channel == "auto":
-        channel = "nccl" if all_workers_have_gpu else "shm"
+        if not whole_gpus or not manage_visibility:
+            return "shm"
+        if no_cupy:
+            logger.warning(
+                "channel='auto' uses shm, not nccl: cupy does not import on rank(s) %s (%s). "
+                "To use NCCL between stages, %s", sorted(no_cupy),
+                no_cupy[min(no_cupy)], CUPY_HINT)
+            return "shm"
+        return "nccl"
     if channel == "nccl":
-        if not all_workers_have_gpu:
+        if not whole_gpus:
             raise ValueError(
                 "ExecutorConfig.channel='nccl' needs a whole GPU on every worker, but the "
                 "workers hold none or share one (num_devices_per_worker < 1); use channel='shm' "
                 "or 'auto'"
             )
-        check_nccl_transport()
+        if not manage_visibility:
+            raise ValueError("ExecutorConfig.channel='nccl' needs manage_visibility=True")
+        if no_cupy:
+            raise ImportError(
+                f"ExecutorConfig.channel='nccl' needs cupy on every worker for Ray's NCCL "
+                f"channels; it does not import on rank(s) {sorted(no_cupy)} "
+                f"({no_cupy[min(no_cupy)]}). {CUPY_HINT}; or use channel='shm' / 'auto'"
+            )
     return channel
 
 

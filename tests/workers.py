@@ -178,3 +178,33 @@ class StuckWorker(RecordingWorker):
         if batch.get("stuck_rank") == self.rank:
             time.sleep(3600)
         return super().execute_model(batch, intermediate)
+
+
+class DeviceWorker:
+    """Has no init_device: relies on rayexec for its device (fake-GPU tests with
+    tests.fakes.RecordingPlatform). Records, for every call, the thread it ran on
+    and that thread's current device."""
+
+    def __init__(self, rank, local_rank, world_size, pp_rank, tp_rank,
+                 distributed_init_method):
+        self.rank, self.local_rank = rank, local_rank
+        self.seen = []
+        self._record("__init__")
+
+    def _record(self, what):
+        import threading
+
+        from tests.fakes import current_device
+
+        self.seen.append((what, threading.current_thread().name, current_device()))
+
+    def touch(self):
+        self._record("collective_rpc")
+        return self.rank
+
+    def get_seen(self):
+        return list(self.seen)
+
+    def execute_model(self, batch, intermediate=None):
+        self._record(f"execute_model:{batch}")
+        return (intermediate or []) + [self.rank]
