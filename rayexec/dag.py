@@ -96,7 +96,7 @@ class ForwardDag:
 
         driver ──(step, batch)──┬─> [pp0,tp0] ──(step, batch, tensors)──> [pp1,tp0] ─┐
                                 └─> [pp0,tp1] ──(step, batch, tensors)──> [pp1,tp1] ─┴─> driver
-                                      stage 0      nccl | shm edges         stage 1
+                                      stage 0   nccl|shm|gloo edges         stage 1
 
     Each edge between stages carries torch tensors over `transport`; the last stage's
     outputs return to the driver in one list (tp order).
@@ -105,14 +105,17 @@ class ForwardDag:
     def __init__(
         self,
         grid: Sequence[Sequence[Any]],
-        transport: str,
+        transport: str | Any,
         overlap_comm: bool = False,
         submit_timeout_s: float | None = None,
     ) -> None:
+        """`transport`: "nccl", "shm", or a Ray Communicator instance (gloo.py) that
+        every edge uses."""
         from ray.dag import InputNode, MultiOutputNode
 
         check_compiled_graphs()
-        self.transport = transport
+        self.transport = transport if isinstance(transport, str) else (
+            f"{type(transport).__name__}")
         self._teardown_thread: threading.Thread | None = None
         with InputNode() as step_input:
             outputs: list[Any] = [step_input] * len(grid[0])
@@ -134,7 +137,7 @@ class ForwardDag:
                                          2 * len(grid) + 2),
         )
         logger.info("compiled the forward DAG: %d stage(s) x %d worker(s), %s edges",
-                    len(grid), len(grid[0]), transport)
+                    len(grid), len(grid[0]), self.transport)
 
     def edge_type_hints(self) -> list[Any]:
         """The type hint of every stage-to-stage edge (for inspection and tests)."""

@@ -202,7 +202,7 @@ class RayDistributedExecutor:
     def _ensure_dag(self) -> ForwardDag:
         if self._parts.dag is None:
             grid = self._group.topology.grid(self._group.actors)
-            self._parts.dag = ForwardDag(grid, self.transport, self.config.overlap_comm,
+            self._parts.dag = ForwardDag(grid, self._edge_transport(), self.config.overlap_comm,
                                          submit_timeout_s=self.config.execute_timeout_s)
             timer = self._parts.idle_timer
             if self.config.idle_park_s is not None and (timer is None or not timer.is_alive()):
@@ -210,6 +210,21 @@ class RayDistributedExecutor:
                 self._parts.idle_timer = IdleTimer(lambda: (park_if_idle() or _none)())
                 self._parts.idle_timer.start()
         return self._parts.dag
+
+    def _edge_transport(self) -> Any:
+        """What the DAG's edges take: the transport's name, or for gloo a
+        communicator over this graph's workers (a fresh rendezvous port per graph)."""
+        if self.transport != "gloo":
+            return self.transport
+        from rayexec.gloo import GlooCommunicator
+
+        group = self._group
+        (port,) = group._wait([group.actors[0].find_free_port.remote()],
+                              self.config.health_check_timeout_s,
+                              "finding a port for the gloo channel on rank 0",
+                              "health_check_timeout_s")
+        return GlooCommunicator(group.actors, [p.node_ip for p in group.plans], port,
+                                self.config.execute_timeout_s)
 
     # ---- public facts -----------------------------------------------------------------
     @property
