@@ -103,8 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"subset of {','.join(MODES)}")
     p.add_argument("--workloads", type=_list(str, WORKLOADS), default=list(WORKLOADS),
                    help=f"subset of {','.join(WORKLOADS)}")
-    p.add_argument("--channels", type=_list(str, ("shm", "nccl", "auto")),
-                   help="DAG edge transports (default: shm without GPUs, nccl,shm with)")
+    p.add_argument("--channels", "--channel", type=_list(str, ("auto", "shm", "gloo", "nccl")),
+                   help="DAG edge transports, one row each (default: shm,gloo without GPUs, "
+                        "nccl,shm with)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="workers' device; auto = cuda when the Ray cluster has GPUs")
     p.add_argument("--iters", type=int, help=f"timed steps per configuration "
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.driver_threads:
         torch.set_num_threads(args.driver_threads)
-    channels = args.channels or (["nccl", "shm"] if device == "cuda" else ["shm"])
+    channels = args.channels or (["nccl", "shm"] if device == "cuda" else ["shm", "gloo"])
     doc: dict[str, Any] = {
         "benchmark": "pp_tp_latency", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(), "versions": versions(),

@@ -122,6 +122,12 @@ def _generate(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default="auto", help="auto|cuda|rocm|cpu")
     parser.add_argument("--forward", default="dag", choices=["dag", "rpc"],
                         help="compiled Ray DAG or plain Ray calls per step")
+    parser.add_argument("--channel", choices=list(config_module.CHANNELS),
+                        help="tensor transport between stages (default: auto, or "
+                             "RAYEXEC_CHANNEL)")
+    parser.add_argument("--num-devices-per-worker", type=float,
+                        help="devices per worker; 0.5 puts two workers on one GPU (default: "
+                             "1, or RAYEXEC_NUM_DEVICES_PER_WORKER)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
 
     def run(args: argparse.Namespace) -> int:
@@ -137,8 +143,11 @@ def _generate(parser: argparse.ArgumentParser):
         )
 
         model = DecoderConfig.from_any(args.model)
+        fields = {"channel": args.channel,
+                  "num_devices_per_worker": args.num_devices_per_worker}
         cfg = decoder_executor_config(args.pp, args.tp, model=args.model, seed=args.seed,
-                                      device=args.device, forward=args.forward)
+                                      device=args.device, forward=args.forward,
+                                      **{k: v for k, v in fields.items() if v is not None})
         prompts = make_prompts(args.prompts, args.prompt_len, model.vocab_size, args.seed)
         with RayDistributedExecutor(cfg) as ex:
             transport = f" over {ex.transport}" if ex.transport else ""
@@ -166,7 +175,8 @@ def _generate(parser: argparse.ArgumentParser):
         if args.json:
             record = {"layout": layout, "token_ids": result.token_ids, **s,
                       "pp": args.pp, "tp": args.tp, "device": ex.platform.name,
-                      "forward": args.forward, "model": args.model, "seed": args.seed,
+                      "forward": args.forward, "transport": ex.transport,
+                      "model": args.model, "seed": args.seed,
                       "prompts": args.prompts, "max_new_tokens": args.max_new_tokens}
             with open(args.json, "w") as f:
                 json.dump(record, f, indent=1)

@@ -208,3 +208,31 @@ class DeviceWorker:
     def execute_model(self, batch, intermediate=None):
         self._record(f"execute_model:{batch}")
         return (intermediate or []) + [self.rank]
+
+
+class CudaDeviceWorker(DeviceWorker):
+    """DeviceWorker on real GPUs: records torch.cuda.current_device() per call, and its
+    steps pass a CUDA tensor made on the current device, which the next stage checks
+    arrived on its own current device."""
+
+    def _record(self, what):
+        import threading
+
+        import torch
+
+        self.seen.append((what, threading.current_thread().name, torch.cuda.current_device()))
+
+    def execute_model(self, batch, intermediate=None):
+        import torch
+
+        self._record(f"execute_model:{batch}")
+        if intermediate is not None:
+            t = intermediate["t"]
+            assert t.device.index == torch.cuda.current_device() == self.local_rank, \
+                (t.device, torch.cuda.current_device(), self.local_rank)
+            ranks = intermediate["ranks"]
+        else:
+            ranks = []
+        # Made on the current device: wrong when rayexec did not set it.
+        t = torch.full((1024,), float(batch), device="cuda")
+        return {"t": t, "ranks": [*ranks, self.rank]}
