@@ -7,6 +7,7 @@ Subcommands:
             the rank layout (rank -> node IP, pp/tp rank, devices) and stop
   generate  serve the reference decoder (rayexec.models) as PP x TP workers, greedy-
             generate, print layout, tokens/s, time to first token, step latency
+  doctor    --gpu: check a GPU machine end to end in bounded time (doctor.py)
 Each subcommand lives in a small function; heavy imports happen inside them.
 """
 
@@ -19,6 +20,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rayexec import config as config_module
 from rayexec.config import ExecutorConfig
@@ -182,6 +184,27 @@ def _generate(parser: argparse.ArgumentParser):
                 json.dump(record, f, indent=1)
             print(f"wrote {args.json}")
         return 0
+    return run
+
+
+@subcommand("doctor")
+def _doctor(parser: argparse.ArgumentParser):
+    """Check a GPU machine end to end (versions, gpu tests, latency rows, generate) in
+    a bounded time; one summary line at the end."""
+    parser.add_argument("--gpu", action="store_true", required=True,
+                        help="run the GPU checks (the only kind so far)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="write the full log, JSON results and summary here")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("--gpus", type=int, help="plan for this many GPUs (default: detected; "
+                                                 "0 with --dry-run)")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="overall time limit in seconds (default 300)")
+
+    def run(args: argparse.Namespace) -> int:
+        from rayexec import doctor
+
+        return doctor.run(args.gpus, args.out, args.dry_run, args.budget_s)
     return run
 
 
