@@ -26,3 +26,14 @@ def test_the_cpu_platform_sets_nothing_and_cuda_without_cuda_is_a_no_op():
     assert CPU.current_device() is None
     CUDA.set_device(1)  # torch here cannot use CUDA: a warning, not a crash
     assert CUDA.current_device() is None
+
+
+def test_overlap_comm_with_tp_warns_once_per_process(caplog, monkeypatch):
+    from rayexec import executor
+
+    monkeypatch.setattr(executor, "_overlap_warned", False)
+    with caplog.at_level("WARNING", logger="rayexec.executor"):
+        executor._warn_overlap_with_tp()
+        executor._warn_overlap_with_tp()
+    warnings = [r for r in caplog.records if "overlap_comm=True" in r.getMessage()]
+    assert len(warnings) == 1 and "deadlock" in warnings[0].getMessage()
