@@ -246,8 +246,11 @@ class RankActor:
         # Ray's channels read and write inside a device context of their own choosing
         # (the position of ray.get_gpu_ids()[0] in the visibility list); layout.py
         # picks local_rank by the same rule. Check it, and point them at ours.
-        ray_index = AcceleratorContext.get().get_accelerator_devices()[0].index
-        if ray_index != self._device_index:
+        context = AcceleratorContext.get()
+        # (A gloo channel built in this process earlier replaced Ray's CUDA context.)
+        ray_index = (context.get_accelerator_devices()[0].index
+                     if context.module_name == self._platform.torch_device else None)
+        if ray_index is not None and ray_index != self._device_index:
             raise RuntimeError(
                 f"rank {self.rank}: local_rank {self._device_index} but Ray's channels would "
                 f"use device {ray_index} ({self._platform.visibility_var}="
