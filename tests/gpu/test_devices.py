@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from rayexec import ExecutorConfig, RayDistributedExecutor
+from tests.gpu.conftest import NCCL_PER_GPU
 from tests.workers import CudaDeviceWorker
 
 
@@ -47,16 +48,19 @@ def test_two_stages_sharing_one_gpu(gpu_ray, forward):
     assert transport == ("shm" if forward == "dag" else None)  # nccl needs whole GPUs
 
 
-@pytest.mark.gpu(2)
-@pytest.mark.parametrize("forward", ["dag", "rpc"])
-def test_each_stage_on_its_own_gpu(gpu_ray, forward):
-    transport, local_ranks = run_steps(2, 1, forward=forward,
-                                       channel="nccl" if forward == "dag" else "auto")
-    assert sorted(local_ranks) == [0, 1]
-    assert transport == ("nccl" if forward == "dag" else None)
+@pytest.mark.gpu(2, why=NCCL_PER_GPU)
+def test_each_stage_on_its_own_gpu_over_nccl(gpu_ray):
+    transport, local_ranks = run_steps(2, 1, channel="nccl")
+    assert sorted(local_ranks) == [0, 1] and transport == "nccl"
 
 
-@pytest.mark.gpu(4)
+@pytest.mark.gpu(2, why="a stage's input moves between two GPUs only where there are two")
+def test_rpc_moves_the_stage_input_onto_the_receiving_gpu(gpu_ray):
+    transport, local_ranks = run_steps(2, 1, forward="rpc")
+    assert sorted(local_ranks) == [0, 1] and transport is None
+
+
+@pytest.mark.gpu(4, why=NCCL_PER_GPU)
 def test_pp2_tp2_over_nccl_without_init_device(gpu_ray):
     # Four GPU workers on one node and no worker-side set_device: each NCCL edge's
     # communicator must be built on its own GPUs, not all on GPU 0.
@@ -64,7 +68,7 @@ def test_pp2_tp2_over_nccl_without_init_device(gpu_ray):
     assert transport == "nccl" and sorted(local_ranks) == [0, 1, 2, 3]
 
 
-@pytest.mark.gpu(4)
+@pytest.mark.gpu(4, why=NCCL_PER_GPU)
 def test_two_gpus_per_worker_use_the_first_ray_lists(gpu_ray):
     transport, local_ranks = run_steps(2, 1, channel="nccl", num_devices_per_worker=2)
     assert transport == "nccl" and sorted(local_ranks) == [0, 2]
