@@ -107,10 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"subset of {','.join(MODES)}")
     p.add_argument("--workloads", type=_list(str, WORKLOADS), default=list(WORKLOADS),
                    help=f"subset of {','.join(WORKLOADS)}")
-    p.add_argument("--channels", type=_list(str, ("shm", "nccl", "auto")),
-                   help="DAG edge transports (default: shm without GPUs, nccl,shm with)")
+    p.add_argument("--channels", "--channel", type=_list(str, ("auto", "shm", "gloo", "nccl")),
+                   help="DAG edge transports, one row each (default: shm,gloo without GPUs, "
+                        "nccl,shm with)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="workers' device; auto = cuda when the Ray cluster has GPUs")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="GPUs each worker reserves on cuda (0.5: two stages share one GPU; "
+                        "nccl then cannot run)")
     p.add_argument("--iters", type=int, help=f"timed steps per configuration "
                    f"(default {FULL['iters']})")
     p.add_argument("--warmup", type=int, help=f"untimed steps first (default {FULL['warmup']})")
@@ -217,7 +221,8 @@ def start_ray(args: argparse.Namespace, cells: list[tuple[int, int]]
     niceness = ray.get(ray.remote(num_cpus=0, runtime_env=like_rayexec)(_niceness).remote())
     device = args.device
     if device == "auto":
-        device = "cuda" if ray.cluster_resources().get("GPU", 0) >= biggest else "cpu"
+        gpus = ray.cluster_resources().get("GPU", 0)
+        device = "cuda" if gpus >= biggest * args.gpus_per_worker else "cpu"
     return started, device, niceness
 
 
@@ -253,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.driver_threads:
         torch.set_num_threads(args.driver_threads)
-    channels = args.channels or (["nccl", "shm"] if device == "cuda" else ["shm"])
+    channels = args.channels or (["nccl", "shm"] if device == "cuda" else ["shm", "gloo"])
     doc: dict[str, Any] = {
         "benchmark": "pp_tp_latency", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(), "versions": versions(),
@@ -268,7 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw: list[dict[str, Any]] = []
     try:
         for i, (name, pp, tp, mode, channel) in enumerate(plan, 1):
-            workload = Workload(name, tuple(args.payloads), device)
+            workload = Workload(name, tuple(args.payloads), device, args.gpus_per_worker)
             what = f"{mode} {name} PP={pp} x TP={tp}" + (f" [{channel}]" if channel else "")
             try:
                 records = run_configuration(mode, workload, pp, tp, channel or channels[0],

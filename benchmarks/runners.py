@@ -125,16 +125,19 @@ class Workload:
     name: str
     payloads: tuple[int, ...]  # echo: bytes per step; model: ignored
     device: str  # "cpu" or "cuda" (the workers')
+    gpus_per_worker: float = 1.0  # cuda only; 0.5 puts two workers on one GPU
 
     def config(self, pp: int, tp: int, forward: str, channel: str) -> ExecutorConfig:
         executor_device = "cpu" if self.device == "cpu" else "auto"
+        share = {} if self.device == "cpu" else {"num_devices_per_worker": self.gpus_per_worker}
         if self.name == "echo":
             return ExecutorConfig(
                 worker_cls=EchoWorker, pipeline_parallel_size=pp, tensor_parallel_size=tp,
                 worker_kwargs={"pipeline_parallel_size": pp, "device": self.device},
-                device=executor_device, channel=channel, forward=forward)
+                device=executor_device, channel=channel, forward=forward, **share)
         return decoder_executor_config(pp, tp, model=MODEL_PRESET, seed=0,
-                                       device=executor_device, channel=channel, forward=forward)
+                                       device=executor_device, channel=channel, forward=forward,
+                                       **share)
 
     def local_target(self, pp: int, tp: int) -> Any:
         if self.name == "echo":

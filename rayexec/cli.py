@@ -7,6 +7,7 @@ Subcommands:
             the rank layout (rank -> node IP, pp/tp rank, devices) and stop
   generate  serve the reference decoder (rayexec.models) as PP x TP workers, greedy-
             generate, print layout, tokens/s, time to first token, step latency
+  doctor    --gpu: check a GPU machine end to end in bounded time (doctor.py)
 Each subcommand lives in a small function; heavy imports happen inside them.
 """
 
@@ -19,6 +20,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rayexec import config as config_module
 from rayexec.config import ExecutorConfig
@@ -154,6 +156,12 @@ def _generate(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default="auto", help="auto|cuda|rocm|cpu")
     parser.add_argument("--forward", default="dag", choices=["dag", "rpc"],
                         help="compiled Ray DAG or plain Ray calls per step")
+    parser.add_argument("--channel", choices=list(config_module.CHANNELS),
+                        help="tensor transport between stages (default: auto, or "
+                             "RAYEXEC_CHANNEL)")
+    parser.add_argument("--num-devices-per-worker", type=float,
+                        help="devices per worker; 0.5 puts two workers on one GPU (default: "
+                             "1, or RAYEXEC_NUM_DEVICES_PER_WORKER)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
 
     def run(args: argparse.Namespace) -> int:
@@ -169,8 +177,11 @@ def _generate(parser: argparse.ArgumentParser):
         )
 
         model = DecoderConfig.from_any(args.model)
+        fields = {"channel": args.channel,
+                  "num_devices_per_worker": args.num_devices_per_worker}
         cfg = decoder_executor_config(args.pp, args.tp, model=args.model, seed=args.seed,
-                                      device=args.device, forward=args.forward)
+                                      device=args.device, forward=args.forward,
+                                      **{k: v for k, v in fields.items() if v is not None})
         prompts = make_prompts(args.prompts, args.prompt_len, model.vocab_size, args.seed)
         with RayDistributedExecutor(cfg) as ex:
             transport = f" over {ex.transport}" if ex.transport else ""
@@ -198,12 +209,34 @@ def _generate(parser: argparse.ArgumentParser):
         if args.json:
             record = {"layout": layout, "token_ids": result.token_ids, **s,
                       "pp": args.pp, "tp": args.tp, "device": ex.platform.name,
-                      "forward": args.forward, "model": args.model, "seed": args.seed,
+                      "forward": args.forward, "transport": ex.transport,
+                      "model": args.model, "seed": args.seed,
                       "prompts": args.prompts, "max_new_tokens": args.max_new_tokens}
             with open(args.json, "w") as f:
                 json.dump(record, f, indent=1)
             print(f"wrote {args.json}")
         return 0
+    return run
+
+
+@subcommand("doctor")
+def _doctor(parser: argparse.ArgumentParser):
+    """Check a GPU machine end to end (versions, gpu tests, latency rows, generate) in
+    a bounded time; one summary line at the end."""
+    parser.add_argument("--gpu", action="store_true", required=True,
+                        help="run the GPU checks (the only kind so far)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="write the full log, JSON results and summary here")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("--gpus", type=int, help="plan for this many GPUs (default: detected; "
+                                                 "0 with --dry-run)")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="overall time limit in seconds (default 300)")
+
+    def run(args: argparse.Namespace) -> int:
+        from rayexec import doctor
+
+        return doctor.run(args.gpus, args.out, args.dry_run, args.budget_s)
     return run
 
 

@@ -21,7 +21,7 @@ from rayexec.contract import RANK_ARGUMENTS
 from rayexec.layout import WORKER_SPECIFIC_VARS
 from rayexec.platform import DEVICE_KINDS
 
-CHANNELS = ("auto", "nccl", "shm")
+CHANNELS = ("auto", "nccl", "shm", "gloo")
 FORWARD_MODES = ("dag", "rpc")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Keyword arguments rayexec itself passes to the worker class.
@@ -43,8 +43,10 @@ class ExecutorConfig:
     device: str = "auto"
     """auto | cuda | rocm | npu | cpu. auto picks the cluster's accelerator, else cpu."""
     channel: str = "auto"
-    """Tensor transport between stages: auto | nccl | shm. auto = nccl when every
-    worker has a GPU, else shm."""
+    """Tensor transport between stages: auto | nccl | shm | gloo. auto = nccl when
+    every worker has a whole GPU and cupy, else shm. gloo sends CPU tensors with
+    torch.distributed point-to-point over TCP (Ray's accelerator-channel path with a
+    gloo communicator)."""
     overlap_comm: bool = False
     """Overlap GPU communication with compute in the compiled DAG (GPU + nccl only)."""
     forward: str = "dag"
@@ -192,7 +194,12 @@ def _validate(c: ExecutorConfig) -> None:
     if c.channel == "nccl" and c.device == "cpu":
         _fail("channel", c.channel, "nccl needs GPU workers; use channel='shm' (or 'auto') "
               "with device='cpu'")
-    if c.overlap_comm and (c.device == "cpu" or c.channel == "shm"):
+    if c.channel == "nccl" and not c.manage_visibility:
+        _fail("channel", c.channel, "nccl needs manage_visibility=True: Ray's NCCL channel "
+              "picks each worker's GPU from the visibility variable (CUDA_VISIBLE_DEVICES), "
+              "which manage_visibility=False leaves to the worker. Use channel='shm' (or "
+              "'auto', which picks shm then), or manage_visibility=True")
+    if c.overlap_comm and (c.device == "cpu" or c.channel in ("shm", "gloo")):
         _fail("overlap_comm", c.overlap_comm, "overlapping communication needs GPU workers "
               "and the nccl channel; set overlap_comm=False")
 

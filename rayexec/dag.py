@@ -13,7 +13,8 @@ device). Channel buffers are sized for `max_step_bytes` up front, since Ray grow
 channel on the first larger message and keeps the old buffer. The plain
 Ray-call path (forward="rpc") lives in the executor and needs none of this.
 
-Checks with clear errors: Ray too old or `ray[cgraph]` missing, nccl without cupy.
+Checks with clear errors: Ray too old or `ray[cgraph]` missing, nccl without cupy
+on a worker (the executor asks the workers; the driver needs no cupy).
 Teardown is bounded: on Ray 2.60 a graph that moved ~1 MB payloads over shared
 memory can hang in teardown (a reader stays blocked after close); the caller then
 kills the actors, which releases it.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -34,7 +35,8 @@ from rayexec import wire
 logger = logging.getLogger(__name__)
 
 MIN_RAY_VERSION = "2.44.0"
-CUPY_HINT = "pip install 'ray[cgraph]' (it brings cupy-cuda12x; use cupy-rocm-* on ROCm)"
+CUPY_HINT = ("install cupy on every worker node, matching its CUDA: pip install "
+             "cupy-cuda12x (CUDA 12) or cupy-cuda13x (CUDA 13); cupy-rocm-* on ROCm")
 
 
 _teardown_explained = False
@@ -78,28 +80,42 @@ def check_compiled_graphs() -> None:
         )
 
 
-def check_nccl_transport() -> None:
-    """cupy is how Ray's compiled graphs drive NCCL; fail early without it."""
-    try:
-        import cupy  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"channel='nccl' needs cupy for Ray's NCCL channels ({e}). {CUPY_HINT}"
-                          ) from e
+def resolve_transport(
+    channel: str, whole_gpus: bool, manage_visibility: bool = True,
+    no_cupy: Mapping[int, str] | None = None,
+) -> str:
+    """The edge transport: nccl, shm or gloo.
 
-
-def resolve_transport(channel: str, all_workers_have_gpu: bool) -> str:
-    """The edge transport: nccl or shm. auto = nccl when every worker has a GPU of
-    its own (`all_workers_have_gpu`)."""
+    `whole_gpus`: every worker holds a whole GPU of its own. `no_cupy`: rank -> import
+    error, for the workers where cupy (Ray's NCCL driver) does not import; it is
+    checked on the workers, not the driver. auto = nccl when it can work, else shm
+    (with a warning naming the ranks when only cupy is missing)."""
+    no_cupy = dict(no_cupy or {})
     if channel == "auto":
-        channel = "nccl" if all_workers_have_gpu else "shm"
+        if not whole_gpus or not manage_visibility:
+            return "shm"
+        if no_cupy:
+            logger.warning(
+                "channel='auto' uses shm, not nccl: cupy does not import on rank(s) %s (%s). "
+                "To use NCCL between stages, %s", sorted(no_cupy),
+                no_cupy[min(no_cupy)], CUPY_HINT)
+            return "shm"
+        return "nccl"
     if channel == "nccl":
-        if not all_workers_have_gpu:
+        if not whole_gpus:
             raise ValueError(
                 "ExecutorConfig.channel='nccl' needs a whole GPU on every worker, but the "
                 "workers hold none or share one (num_devices_per_worker < 1); use channel='shm' "
                 "or 'auto'"
             )
-        check_nccl_transport()
+        if not manage_visibility:
+            raise ValueError("ExecutorConfig.channel='nccl' needs manage_visibility=True")
+        if no_cupy:
+            raise ImportError(
+                f"ExecutorConfig.channel='nccl' needs cupy on every worker for Ray's NCCL "
+                f"channels; it does not import on rank(s) {sorted(no_cupy)} "
+                f"({no_cupy[min(no_cupy)]}). {CUPY_HINT}; or use channel='shm' / 'auto'"
+            )
     return channel
 
 
@@ -108,7 +124,7 @@ class ForwardDag:
 
         driver ──(step, batch)──┬─> [pp0,tp0] ──(step, batch, tensors)──> [pp1,tp0] ─┐
                                 └─> [pp0,tp1] ──(step, batch, tensors)──> [pp1,tp1] ─┴─> driver
-                                      stage 0      nccl | shm edges         stage 1
+                                      stage 0   nccl|shm|gloo edges         stage 1
 
     Each edge between stages carries torch tensors over `transport`; the last stage's
     outputs return to the driver in one list (tp order).
@@ -117,23 +133,27 @@ class ForwardDag:
     def __init__(
         self,
         grid: Sequence[Sequence[Any]],
-        transport: str,
+        transport: str | Any,
         overlap_comm: bool = False,
         submit_timeout_s: float | None = None,
         frames: bool = False,
         buffer_size_bytes: int | None = None,
     ) -> None:
+        """`transport`: "nccl", "shm", or a Ray Communicator instance (gloo.py) that
+        every edge uses."""
         from ray.dag import InputNode, MultiOutputNode
 
         check_compiled_graphs()
-        self.transport = transport
+        self.transport = transport if isinstance(transport, str) else (
+            f"{type(transport).__name__}")
         self.frames = frames
         self._teardown_thread: threading.Thread | None = None
         with InputNode() as step_input:
             outputs: list[Any] = [step_input] * len(grid[0])
             outputs_by_stage = []
             for pp_rank, stage in enumerate(grid):
-                outputs = [w.run_step.bind(x, frames) for w, x in zip(stage, outputs)]
+                edge = "frames" if frames else "transport"
+                outputs = [w.run_step.bind(x, edge) for w, x in zip(stage, outputs)]
                 if pp_rank < len(grid) - 1 and not frames:
                     outputs = [o.with_tensor_transport(transport=transport) for o in outputs]
                 outputs_by_stage.append(outputs)
@@ -150,7 +170,7 @@ class ForwardDag:
                                          2 * len(grid) + 2),
         )
         logger.info("compiled the forward DAG: %d stage(s) x %d worker(s), %s edges",
-                    len(grid), len(grid[0]), "bytes-frame" if frames else transport)
+                    len(grid), len(grid[0]), "bytes-frame" if frames else self.transport)
 
     def edge_type_hints(self) -> list[Any]:
         """The type hint of every stage-to-stage edge (for inspection and tests)."""

@@ -47,7 +47,7 @@ CONFIG_VARS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "RAYEXEC_TENSOR_PARALLEL_SIZE": ("tensor_parallel_size", int, "an integer"),
     "RAYEXEC_WORKER_CLS": ("worker_cls", str, '"pkg.module.Class"'),
     "RAYEXEC_DEVICE": ("device", str, "auto|cuda|rocm|npu|cpu"),
-    "RAYEXEC_CHANNEL": ("channel", str, "auto|nccl|shm"),
+    "RAYEXEC_CHANNEL": ("channel", str, "auto|nccl|shm|gloo"),
     "RAYEXEC_OVERLAP_COMM": ("overlap_comm", _bool, "a boolean (1/0)"),
     "RAYEXEC_FORWARD": ("forward", str, "dag|rpc"),
     "RAYEXEC_NUM_DEVICES_PER_WORKER": ("num_devices_per_worker", float, "a number"),

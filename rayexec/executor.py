@@ -110,7 +110,9 @@ class _Parts:
 class RayDistributedExecutor:
     """Runs an engine's workers on Ray, PP stages x TP workers."""
 
-    def __init__(self, config: ExecutorConfig) -> None:
+    def __init__(self, config: ExecutorConfig, platform: Platform | None = None) -> None:
+        """`platform` replaces the one `config.device` resolves to (a device kind
+        rayexec does not ship, or the recording double the tests use on fake GPUs)."""
         if not isinstance(config, ExecutorConfig):
             raise TypeError(f"expected an ExecutorConfig, got {type(config).__name__}")
         self.config = config
@@ -130,7 +132,7 @@ class RayDistributedExecutor:
         self._serving = threading.Event()
         self._serving.set()
         self._generation = 0  # bumped per restart: stale death reports are ignored
-        self.platform: Platform | None = None
+        self.platform: Platform | None = platform
         self.transport: str | None = None
         try:
             self._start()
@@ -149,20 +151,35 @@ class RayDistributedExecutor:
         # open at exit is shut down while Ray still works.
         atexit.register(self._finalizer)
         resources = ray.cluster_resources()
-        self.platform = resolve_platform(c.device, resources,
-                                         c.device == "auto" and _torch_is_hip(resources))
-        if c.forward == "dag":
-            # NCCL needs a whole GPU per rank: workers sharing a GPU use shm.
-            self.transport = resolve_transport(
-                c.channel, self.platform.resource_key == "GPU" and c.num_devices_per_worker >= 1)
-        logger.info("Ray: %s; device %s; forward %s%s", how, self.platform.name, c.forward,
-                    f" over {self.transport}" if self.transport else "")
+        if self.platform is None:
+            self.platform = resolve_platform(c.device, resources,
+                                             c.device == "auto" and _torch_is_hip(resources))
+        if c.overlap_comm and c.tensor_parallel_size > 1:
+            _warn_overlap_with_tp()
         group = WorkerGroup.launch(c, self.platform)
         self._parts.group = group
+        if c.forward == "dag":
+            self.transport = self._resolve_transport(group)
+        logger.info("Ray: %s; device %s; forward %s%s", how, self.platform.name, c.forward,
+                    f" over {self.transport}" if self.transport else "")
         for phase in ("init_device", "load_model"):
             if callable(getattr(self.worker_cls, phase, None)):
                 group.run(phase)
         self._start_monitor()
+
+    def _resolve_transport(self, group: WorkerGroup) -> str:
+        c = self.config
+        # NCCL needs a whole GPU per rank: workers sharing a GPU use shm.
+        whole_gpus = self.platform is not None and self.platform.resource_key == "GPU" \
+            and c.num_devices_per_worker >= 1
+        no_cupy: dict[int, str] = {}
+        if c.channel in ("auto", "nccl") and whole_gpus and c.manage_visibility:
+            # cupy drives Ray's NCCL channels inside the workers: ask them, not the driver.
+            refs = [a.probe_module.remote("cupy") for a in group.actors]
+            errors = group._wait(refs, c.rpc_timeout_s, "checking cupy on the workers",
+                                 "rpc_timeout_s")
+            no_cupy = {rank: e for rank, e in enumerate(errors) if e is not None}
+        return resolve_transport(c.channel, whole_gpus, c.manage_visibility, no_cupy)
 
     def _start_monitor(self) -> None:
         # A weak method: the monitor thread must not keep the executor alive, or
@@ -186,9 +203,9 @@ class RayDistributedExecutor:
         if self._parts.dag is None:
             grid = self._group.topology.grid(self._group.actors)
             # CPU edges carry wire frames (bytes: Ray's cheapest channel path); tensors
-            # on accelerators keep the edge's tensor transport.
+            # on accelerators, and the gloo channel's, keep the edge's tensor transport.
             frames = self.transport == "shm" and not self.platform.is_accelerator
-            self._parts.dag = ForwardDag(grid, self.transport, self.config.overlap_comm,
+            self._parts.dag = ForwardDag(grid, self._edge_transport(), self.config.overlap_comm,
                                          submit_timeout_s=self.config.execute_timeout_s,
                                          frames=frames,
                                          buffer_size_bytes=self.config.max_step_bytes)
@@ -198,6 +215,21 @@ class RayDistributedExecutor:
                 self._parts.idle_timer = IdleTimer(lambda: (park_if_idle() or _none)())
                 self._parts.idle_timer.start()
         return self._parts.dag
+
+    def _edge_transport(self) -> Any:
+        """What the DAG's edges take: the transport's name, or for gloo a
+        communicator over this graph's workers (a fresh rendezvous port per graph)."""
+        if self.transport != "gloo":
+            return self.transport
+        from rayexec.gloo import GlooCommunicator
+
+        group = self._group
+        (port,) = group._wait([group.actors[0].find_free_port.remote()],
+                              self.config.health_check_timeout_s,
+                              "finding a port for the gloo channel on rank 0",
+                              "health_check_timeout_s")
+        return GlooCommunicator(group.actors, [p.node_ip for p in group.plans], port,
+                                self.config.execute_timeout_s)
 
     # ---- public facts -----------------------------------------------------------------
     @property
@@ -556,6 +588,24 @@ class RayDistributedExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+_overlap_warned = False
+
+
+def _warn_overlap_with_tp() -> None:
+    """Once per process: Ray's NCCL channel runs its sends and receives on side
+    streams next to the engine's own TP communicator, and NCCL documents that two
+    communicators used concurrently on different streams can deadlock (Ray's
+    nccl_group.py says the same)."""
+    global _overlap_warned
+    if not _overlap_warned:
+        _overlap_warned = True
+        logger.warning(
+            "overlap_comm=True with tensor_parallel_size > 1: Ray's stage-to-stage NCCL "
+            "channel then runs on its own CUDA streams next to the engine's TP "
+            "communicator, which NCCL documents can deadlock. Set overlap_comm=False if "
+            "steps hang.")
 
 
 def _torch_is_hip(resources: dict[str, float]) -> bool:

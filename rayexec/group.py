@@ -228,6 +228,8 @@ class WorkerGroup:
                     self.topology.pp,
                     p.cpu_threads if not self.platform.is_accelerator else None,
                     p.cpu_cores,
+                    self.platform,
+                    self.device_index(p),
                 )
                 for a, p in zip(self.actors, self.plans)
             ],
@@ -261,6 +263,15 @@ class WorkerGroup:
             self._created[index] = self._create_actor(index, self.placement.bundle_indices[index])
         self._configure(keep_order=old_order)
         return sorted(replace)
+    def device_index(self, plan: layout.RankPlan) -> int | None:
+        """The device rayexec makes current for `plan`'s rank: its local_rank on an
+        accelerator whose visibility rayexec manages; None (the worker's business)
+        on CPU or with manage_visibility=False, where a device set before the worker
+        chooses its own visibility would fix the wrong one."""
+        if self.platform.is_accelerator and self.config.manage_visibility:
+            return plan.local_rank
+        return None
+
     def rank_kwargs(self, plan: layout.RankPlan, init_method: str) -> dict[str, Any]:
         return {
             "rank": plan.rank, "local_rank": plan.local_rank,

@@ -9,7 +9,10 @@ The order is decided here, once:
   4. within a node, device id compared as an integer ("9" < "10").
 Rank r is stage r // TP and tp_rank r % TP. Every worker on a node sees the same
 sorted list of the devices our workers hold there; local_rank is the position of its
-own device in that list. No Ray import: everything here is tested in milliseconds.
+own device in that list. A worker holding several devices is on the first one Ray
+lists for it (`ray.get_gpu_ids()[0]`, reported as `device_ids[0]`): the device Ray's
+compiled-graph channels pick, so rayexec and Ray agree on one device per worker.
+No Ray import: everything here is tested in milliseconds.
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ def order_workers(driver_ip: str, workers: Sequence[WorkerInfo]) -> list[int]:
             per_node[w.node_id],
             ip_sort_key(w.node_ip),
             w.node_id,
-            tuple(device_sort_key(d) for d in w.device_ids),
+            tuple(sorted(device_sort_key(d) for d in w.device_ids)),
             i,
         )
 
@@ -236,7 +239,7 @@ def plan_ranks(
         w = workers[index]
         node_ranks = ranks_on_node[w.node_id]
         if platform.is_accelerator:
-            local_rank = visible[w.node_id].index(min(w.device_ids, key=device_sort_key))
+            local_rank = visible[w.node_id].index(w.device_ids[0])
         else:
             local_rank = node_ranks.index(rank)
         threads = cpu_threads_per_worker or max(1, w.node_cpus // len(node_ranks))

@@ -4,13 +4,18 @@ For each kind: the Ray resource a worker reserves, the environment variable that
 sets which devices a process sees, Ray's variable that stops Ray from setting it
 (the `RAY_EXPERIMENTAL_NOSET_*` names, checked against Ray's
 `ray/_private/accelerators/`), the torch.distributed backend and the torch device
-type. Pure data plus one resolver for `device="auto"`; no Ray import.
+type. Pure data plus one resolver for `device="auto"`, and the one place that
+knows how to make a device current on a thread (`set_device`, torch imported
+lazily); no Ray import. Tests substitute a subclass that records the calls.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 DEVICE_KINDS = ("auto", "cuda", "rocm", "npu", "cpu")
 
@@ -33,6 +38,49 @@ class Platform:
     @property
     def is_accelerator(self) -> bool:
         return self.visibility_var is not None
+
+    def set_device(self, index: int) -> None:
+        """Make device `index` (a position in this process's visibility list) current on
+        the calling thread. The current device is per thread in torch, CUDA and cupy,
+        so every thread that runs device code calls this once."""
+        module = self._torch_module()
+        if module is None:
+            return
+        if not module.is_available():
+            # Ray granted devices this torch cannot use: a CPU-only torch on a node
+            # started with num_gpus=N (tests), or a broken driver (the engine's first
+            # device call then fails with torch's own error).
+            _warn_unusable(self.name, index)
+            return
+        module.set_device(index)
+
+    def current_device(self) -> int | None:
+        """The calling thread's current device index; None on cpu or when torch
+        cannot use the device kind."""
+        module = self._torch_module()
+        return module.current_device() if module and module.is_available() else None
+
+    def _torch_module(self):  # torch.cuda / torch.npu, or None on cpu
+        if self.torch_device == "cpu":
+            return None
+        import torch
+
+        if self.torch_device == "npu" and not hasattr(torch, "npu"):
+            try:
+                import torch_npu  # noqa: F401  (it adds torch.npu)
+            except ImportError:
+                return None
+        return getattr(torch, self.torch_device, None)
+
+
+_warned: set[str] = set()
+
+
+def _warn_unusable(name: str, index: int) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        logger.warning("device %s:%d not set: torch in this process cannot use %s devices",
+                       name, index, name)
 
 
 CUDA = Platform(

@@ -173,7 +173,11 @@ def _execute(worker: Any, plan: Plan, meta: dict[Item, TensorMeta], backend: str
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://")
+        # device_id binds an NCCL group to this rank's GPU (the current device rayexec
+        # set) instead of letting NCCL guess it from the rank.
+        device_id = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                     else None)
+        dist.init_process_group(backend, init_method="env://", device_id=device_id)
     if dist.get_world_size() != world_size:
         raise RuntimeError(f"the default process group has world size {dist.get_world_size()} "
                            f"but the workers are {world_size}; initialise it over all workers")

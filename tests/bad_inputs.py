@@ -102,15 +102,12 @@ def _bundle_out_of_range(ctx: Context) -> None:
 
 
 def _nccl_without_cupy(ctx: Context) -> None:
-    saved = sys.modules.get("cupy")
-    sys.modules["cupy"] = None  # type: ignore[assignment]  # import cupy -> ImportError
-    try:
-        RayDistributedExecutor(config(device="cuda", channel="nccl", num_devices_per_worker=1))
-    finally:
-        if saved is None:
-            sys.modules.pop("cupy", None)
-        else:
-            sys.modules["cupy"] = saved
+    # The workers are asked (tests/integration/test_devices.py does it end to end on
+    # fake GPUs); here, the decision on what a worker without cupy reported.
+    from rayexec.dag import resolve_transport
+
+    resolve_transport("nccl", whole_gpus=True,
+                      no_cupy={1: "ModuleNotFoundError: No module named 'cupy'"})
 
 
 def _unreachable_address(ctx: Context) -> None:
@@ -179,12 +176,16 @@ ROWS: list[Row] = [
     Row("bad-env", "RAYEXEC_BUNDLE_INDICES='0,x'", _bad_env_value, ValueError,
         ("RAYEXEC_BUNDLE_INDICES='0,x' is invalid", "comma-separated"), needs_ray=False),
     Row("channel", "channel='tcp'", lambda ctx: config(channel="tcp"), ValueError,
-        ("ExecutorConfig.channel='tcp'", "['auto', 'nccl', 'shm']"), needs_ray=False),
+        ("ExecutorConfig.channel='tcp'", "['auto', 'nccl', 'shm', 'gloo']"), needs_ray=False),
     Row("nccl-cpu", "channel='nccl' with device='cpu'",
         lambda ctx: config(channel="nccl"), ValueError,
         ("nccl needs GPU workers", "channel='shm'"), needs_ray=False),
     Row("nccl-cupy", "channel='nccl' on GPUs without cupy", _nccl_without_cupy, ImportError,
-        ("needs cupy", "pip install 'ray[cgraph]'")),
+        ("needs cupy on every worker", "rank(s) [1]", "pip install cupy-cuda"),
+        needs_ray=False),
+    Row("nccl-visibility", "channel='nccl' with manage_visibility=False",
+        lambda ctx: config(device="cuda", channel="nccl", manage_visibility=False), ValueError,
+        ("needs manage_visibility=True", "visibility variable"), needs_ray=False),
     Row("overlap-cpu", "overlap_comm=True on CPU", lambda ctx: config(overlap_comm=True),
         ValueError, ("overlap_comm", "GPU workers"), needs_ray=False),
     Row("unknown-key", "an unknown config key",

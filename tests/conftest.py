@@ -30,8 +30,10 @@ def pytest_collection_modifyitems(config, items):
             need = gpu.args[0] if gpu.args else 1
             gpus = cuda_device_count() if gpus is None else gpus
             if gpus < need:
+                why = gpu.kwargs.get("why")  # what a machine with fewer GPUs cannot do
                 item.add_marker(pytest.mark.skip(
-                    reason=f"needs {need} CUDA device(s), found {gpus}"))
+                    reason=f"needs {need} CUDA device(s), found {gpus}"
+                           + (f": {why}" if why else "")))
         if item.get_closest_marker("vllm") is not None and not have_vllm:
             item.add_marker(pytest.mark.skip(
                 reason="vLLM is not installed (pip install -e '.[vllm]')"))

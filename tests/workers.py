@@ -185,3 +185,61 @@ class StuckWorker(RecordingWorker):
         if batch.get("stuck_rank") == self.rank:
             time.sleep(3600)
         return super().execute_model(batch, intermediate)
+
+
+class DeviceWorker:
+    """Has no init_device: relies on rayexec for its device (fake-GPU tests with
+    tests.fakes.RecordingPlatform). Records, for every call, the thread it ran on
+    and that thread's current device."""
+
+    def __init__(self, rank, local_rank, world_size, pp_rank, tp_rank,
+                 distributed_init_method):
+        self.rank, self.local_rank = rank, local_rank
+        self.seen = []
+        self._record("__init__")
+
+    def _record(self, what):
+        import threading
+
+        from tests.fakes import current_device
+
+        self.seen.append((what, threading.current_thread().name, current_device()))
+
+    def touch(self):
+        self._record("collective_rpc")
+        return self.rank
+
+    def get_seen(self):
+        return list(self.seen)
+
+    def execute_model(self, batch, intermediate=None):
+        self._record(f"execute_model:{batch}")
+        return (intermediate or []) + [self.rank]
+
+
+class CudaDeviceWorker(DeviceWorker):
+    """DeviceWorker on real GPUs: records torch.cuda.current_device() per call, and its
+    steps pass a CUDA tensor made on the current device, which the next stage checks
+    arrived on its own current device."""
+
+    def _record(self, what):
+        import threading
+
+        import torch
+
+        self.seen.append((what, threading.current_thread().name, torch.cuda.current_device()))
+
+    def execute_model(self, batch, intermediate=None):
+        import torch
+
+        self._record(f"execute_model:{batch}")
+        if intermediate is not None:
+            t = intermediate["t"]
+            assert t.device.index == torch.cuda.current_device() == self.local_rank, \
+                (t.device, torch.cuda.current_device(), self.local_rank)
+            ranks = intermediate["ranks"]
+        else:
+            ranks = []
+        # Made on the current device: wrong when rayexec did not set it.
+        t = torch.full((1024,), float(batch), device="cuda")
+        return {"t": t, "ranks": [*ranks, self.rank]}

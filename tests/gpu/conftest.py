@@ -2,6 +2,11 @@
 
 import pytest
 
+# Why a test marked gpu(n, why=NCCL_PER_GPU) cannot run on fewer GPUs: two workers
+# sharing one GPU (num_devices_per_worker=0.5) are valid for shm and rpc, not NCCL.
+NCCL_PER_GPU = ("NCCL needs one GPU per rank; ranks sharing a GPU (fractional GPUs) are "
+                "not valid for NCCL")
+
 
 @pytest.fixture
 def gpu_ray():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rayexec import ExecutorConfig, RayDistributedExecutor
+from tests.gpu.conftest import NCCL_PER_GPU
 from tests.workers import CudaWorker
 
 
@@ -25,32 +26,32 @@ def run_pp(pp: int, tp: int, **kw):
     return transport, hints
 
 
-@pytest.mark.gpu(2)
+@pytest.mark.gpu(2, why=NCCL_PER_GPU)
 def test_pp2_moves_a_cuda_tensor_over_nccl(gpu_ray):
     transport, hints = run_pp(2, 1, channel="nccl")
     assert transport == "nccl"
     assert all(h.transport == "accelerator" for h in hints)
 
 
-@pytest.mark.gpu(2)
+@pytest.mark.gpu(2, why=NCCL_PER_GPU)
 def test_auto_channel_picks_nccl_on_gpus(gpu_ray):
     transport, _ = run_pp(2, 1)
     assert transport == "nccl"
 
 
-@pytest.mark.gpu(2)
+@pytest.mark.gpu(2, why=NCCL_PER_GPU)
 def test_overlap_comm_on_gpus(gpu_ray):
     transport, _ = run_pp(2, 1, channel="nccl", overlap_comm=True)
     assert transport == "nccl"
 
 
-@pytest.mark.gpu(4)
+@pytest.mark.gpu(4, why=NCCL_PER_GPU)
 def test_pp2_tp2_over_nccl(gpu_ray):
     transport, hints = run_pp(2, 2, channel="nccl")
     assert transport == "nccl" and len(hints) == 2
 
 
-@pytest.mark.gpu(2)
+@pytest.mark.gpu(2, why=NCCL_PER_GPU)
 def test_each_node_sees_one_device_list_and_local_rank_is_its_device(gpu_ray):
     cfg = ExecutorConfig(tensor_parallel_size=2, device="cuda", worker_cls=CudaWorker,
                          forward="rpc")

@@ -7,6 +7,7 @@ import pytest
 from rayexec import ExecutorConfig, RayDistributedExecutor
 from rayexec.redistribute import Tracker, plan_broadcast, plan_gather_scatter
 from rayexec.transfer import execute_plan, held_tensors
+from tests.gpu.conftest import NCCL_PER_GPU
 from tests.integration.test_redistribute import KEYS, TIMEOUT_S, check_values, seed
 
 
@@ -21,7 +22,7 @@ def dump_cpu(worker):
     return {i: (t.device.type, t.cpu()) for i, t in held_tensors(worker).items()}
 
 
-@pytest.mark.gpu(2)
+@pytest.mark.gpu(2, why=NCCL_PER_GPU)
 def test_plans_run_over_nccl_for_cuda_tensors(gpu_ray):
     from tests.workers import CudaWorker
 

@@ -102,6 +102,9 @@ def test_script_quick_run_all_modes(tmp_path: Path) -> None:
     assert "not measured" in verdict  # --pp 2 --tp 1 leaves the PP=2 x TP=2 targets out
     doc = json.loads(out.read_text())
     check_document(doc, ["dag", "rpc", "floor", "local"], ["echo", "model"], [(2, 1)], [4096])
+    # One row per channel: on CPU, shm and gloo by default.
+    assert {r["channel"] for r in doc["results"] if r["mode"] == "dag"} == {"shm", "gloo"}
+    assert {row["channel"] for row in doc["comparisons"]} == {"shm", "gloo"}
     assert doc["ray_worker_niceness"] is not None
     targets = {t["name"]: t for t in doc["targets"]}
     model_target = next(t for name, t in targets.items() if name.startswith("model overhead"))

@@ -160,5 +160,5 @@ def test_python_dash_m_rayexec_has_the_generate_command():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     for flag in ("--pp", "--tp", "--prompts", "--max-new-tokens", "--seed", "--device",
-                 "--forward", "--json"):
+                 "--forward", "--channel", "--num-devices-per-worker", "--json"):
         assert flag in done.stdout

@@ -66,6 +66,24 @@ def test_rank_order_and_per_node_visibility(three_nodes):
     assert_no_leaks()
 
 
+def test_gloo_channel_across_nodes_gives_the_single_process_greedy_ids(three_nodes):
+    """PP=2 with one stage per node: the hidden states cross nodes over gloo."""
+    from rayexec.gloo import gloo_traffic
+    from rayexec.models import ReferenceModel, decoder_executor_config, generate, make_prompts
+
+    prompts = make_prompts(3, 6, 4096, seed=1)
+    want = generate(ReferenceModel("small", seed=1), prompts, 3)
+    cfg = decoder_executor_config(2, 1, model="small", seed=1, device="cpu", channel="gloo",
+                                  num_devices_per_worker=0.5, placement_strategy="STRICT_SPREAD")
+    before = cluster_snapshot()
+    with RayDistributedExecutor(cfg) as ex:
+        assert len({p.node_ip for p in ex.layout}) == 2
+        assert generate(ex, prompts, 3).token_ids == want.token_ids
+        traffic = [ray.get(a.__ray_call__.remote(gloo_traffic)) for a in ex.workers]
+    assert traffic[0]["sent"] > 0 and traffic[0]["sent"] == traffic[1]["received"]
+    assert_no_leaks(before)
+
+
 def test_host_ip_is_given_to_workers_on_the_driver_node(three_nodes):
     cfg = ExecutorConfig(tensor_parallel_size=4, device="cuda", forward="rpc",
                          placement_strategy="SPREAD", host_ip="127.0.0.2",

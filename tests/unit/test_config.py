@@ -22,7 +22,7 @@ def cfg(**kw):
     ("tensor_parallel_size", 1.5, "integer >= 1"),
     ("tensor_parallel_size", True, "integer >= 1"),
     ("device", "tpu", "['auto', 'cuda', 'rocm', 'npu', 'cpu']"),
-    ("channel", "tcp", "['auto', 'nccl', 'shm']"),
+    ("channel", "tcp", "['auto', 'nccl', 'shm', 'gloo']"),
     ("forward", "eager", "['dag', 'rpc']"),
     ("placement_strategy", "pack", "STRICT_SPREAD"),
     ("num_devices_per_worker", 0, "> 0"),
@@ -132,3 +132,10 @@ def test_timeout_from_env_is_a_number():
 def test_every_env_var_names_a_real_field():
     fields = {f.name for f in dataclasses.fields(ExecutorConfig)}
     assert {field for field, _, _ in CONFIG_VARS.values()} <= fields
+
+
+def test_nccl_without_managed_visibility_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"channel='nccl'.*visibility variable.*manage_vis"):
+        cfg(channel="nccl", manage_visibility=False)
+    assert cfg(channel="auto", manage_visibility=False).channel == "auto"
+    assert cfg(channel="gloo").channel == "gloo"

@@ -9,18 +9,32 @@ from rayexec import dag
 
 
 def test_auto_transport_is_shm_without_gpus_and_nccl_needs_them():
-    assert dag.resolve_transport("auto", all_workers_have_gpu=False) == "shm"
-    assert dag.resolve_transport("shm", all_workers_have_gpu=True) == "shm"
+    assert dag.resolve_transport("auto", whole_gpus=False) == "shm"
+    assert dag.resolve_transport("auto", whole_gpus=True) == "nccl"
+    assert dag.resolve_transport("shm", whole_gpus=True) == "shm"
+    assert dag.resolve_transport("gloo", whole_gpus=True) == "gloo"
     with pytest.raises(ValueError, match="channel=.nccl. needs a whole GPU on every worker"):
-        dag.resolve_transport("nccl", all_workers_have_gpu=False)
+        dag.resolve_transport("nccl", whole_gpus=False)
 
 
-def test_nccl_without_cupy_names_the_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
-    with pytest.raises(ImportError, match=r"needs cupy .*pip install 'ray\[cgraph\]'"):
-        dag.resolve_transport("nccl", all_workers_have_gpu=True)
-    with pytest.raises(ImportError, match="cupy"):
-        dag.resolve_transport("auto", all_workers_have_gpu=True)
+def test_auto_is_shm_when_the_worker_owns_visibility():
+    # Ray's NCCL channel picks the GPU from the visibility variable rayexec no longer sets.
+    assert dag.resolve_transport("auto", whole_gpus=True, manage_visibility=False) == "shm"
+    with pytest.raises(ValueError, match="manage_visibility=True"):
+        dag.resolve_transport("nccl", whole_gpus=True, manage_visibility=False)
+
+
+def test_nccl_without_cupy_on_a_worker_names_the_rank_and_the_install():
+    no_cupy = {3: "ModuleNotFoundError: No module named 'cupy'"}
+    with pytest.raises(ImportError, match=r"rank\(s\) \[3\].*pip install cupy-cuda12x"):
+        dag.resolve_transport("nccl", whole_gpus=True, no_cupy=no_cupy)
+
+
+def test_auto_without_cupy_on_a_worker_falls_back_to_shm_naming_the_rank(caplog):
+    no_cupy = {1: "ModuleNotFoundError: No module named 'cupy'"}
+    with caplog.at_level("WARNING", logger="rayexec.dag"):
+        assert dag.resolve_transport("auto", whole_gpus=True, no_cupy=no_cupy) == "shm"
+    assert "rank(s) [1]" in caplog.text and "cupy" in caplog.text
 
 
 def test_old_ray_names_found_and_needed_versions(monkeypatch):

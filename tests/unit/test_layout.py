@@ -166,3 +166,13 @@ def test_host_ip_is_given_to_driver_node_workers_only():
 def test_worker_count_must_match_topology():
     with pytest.raises(ValueError, match="world_size=4"):
         plan_ranks(Topology(2, 2), CPU, "10.0.0.1", [W("a", "10.0.0.1")], master_port=1)
+
+
+def test_multi_device_worker_is_on_the_first_device_ray_lists_for_it():
+    # Ray's channels use ray.get_gpu_ids()[0] (reported as device_ids[0]), which need
+    # not be the smallest id; local_rank follows the same rule, and order stays numeric.
+    workers = [W("a", "10.0.0.1", "3", "2"), W("a", "10.0.0.1", "0", "1")]
+    plans = plan_ranks(Topology(2, 1), CUDA, "10.0.0.1", workers, master_port=1)
+    assert [p.device_ids for p in plans] == [("0", "1"), ("3", "2")]
+    assert {p.env["CUDA_VISIBLE_DEVICES"] for p in plans} == {"0,1,2,3"}
+    assert [p.local_rank for p in plans] == [0, 3]

@@ -2,10 +2,10 @@
 
 `pack_for_next_stage` on the sending stage, `unpack_from_previous_stage` on the
 receiving one. Small CPU outputs (a decode step's hidden states and residual, a
-few KiB) travel as one pickled `bytes` object, which rayexec frames together with
-the batch into a single bytes message (`rayexec.actor.pack_edge`), the cheapest
-thing Ray's channels carry; everything else as vLLM's `IntermediateTensors`, over
-the edge's tensor transport. This module does not build the DAG or choose the
+few KiB) travel as one pickled `bytes` object; everything else as vLLM's
+`IntermediateTensors`. On CPU rayexec then frames either with the batch into one
+bytes message (`rayexec.wire`), the cheapest thing Ray's channels carry; on GPUs
+the tensors take the edge's tensor transport. This module does not build the DAG or choose the
 transport (`rayexec.dag` does).
 """
 
