@@ -1,0 +1,253 @@
+"""The worker side of a weight sync: functions the driver runs inside the actors
+(through execute_method), and the process group that spans both sides.
+
+The contract a worker class meets (any of the two roles, or both):
+  source       `weight_shards() -> {name: (tensor, WeightSpec)}`: what this rank
+               holds and which part of the full tensor it is.
+  destination  `weight_layout() -> {name: WeightSpec}`: what this rank needs;
+               `load_weights(named_tensors, version)`: take tensors shaped as its
+               specs' boxes (called with a few names at a time, or with all of them
+               at once when the sync is staged).
+  optional     `sleep(level)` / `wake_up()`.
+
+Transport: one gloo (CPU tensors) or NCCL (CUDA tensors) process group over the
+source's ranks then the destination's (sync ranks 0..S-1, S..S+D-1), built from a
+TCPStore on source rank 0 without touching either side's default process group
+(trainers and TP engines have their own). Point-to-point send/recv, one bucket per
+rank and role at a time (plan.schedule's rounds), each from a reused buffer of
+bucket_bytes: a rank's extra memory is that buffer plus the tensors it is assembling.
+A peer that dies makes gloo's recv fail at once ("Connection closed by peer"); a
+peer that hangs runs into the group's timeout.
+
+Not here: planning (plan.py) or anything the driver decides (sync.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from rayexec.weights.plan import Bucket, WeightSpec, relative
+
+logger = logging.getLogger(__name__)
+
+STAGED = "_rayexec_staged_weights"
+_groups: dict[str, tuple[Any, Any]] = {}  # group id -> (store, process group), per process
+
+
+@dataclass(frozen=True)
+class SyncJob:
+    """What one actor does in one sync."""
+
+    group_id: str
+    store_host: str
+    store_port: int
+    world_size: int
+    sync_rank: int
+    src_rank: int | None
+    dst_rank: int | None
+    peers: dict[tuple[str, int], int]
+    """("src" | "dst", rank) -> sync rank."""
+    rounds: list[list[Bucket]]
+    bucket_bytes: int
+    version: Any
+    stage: bool
+    timeout_s: float
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe_source(worker: Any) -> dict[str, WeightSpec]:
+    shards = worker.weight_shards()
+    out = {}
+    for name, value in shards.items():
+        tensor, spec = value
+        if not isinstance(spec, WeightSpec):
+            raise TypeError(f"weight_shards()[{name!r}] gives a {type(spec).__name__} as its "
+                            f"spec; expected (tensor, WeightSpec)")
+        box_shape = tuple(b - a for a, b in spec.box)
+        if tuple(tensor.shape) != box_shape or dtype_name(tensor.dtype) != spec.dtype:
+            raise ValueError(f"weight_shards()[{name!r}]: the tensor is {dtype_name(tensor.dtype)}"
+                             f"{list(tensor.shape)} but its spec ({spec.describe()}) says "
+                             f"{spec.dtype}{list(box_shape)}")
+        out[name] = spec
+    return out
+
+
+def describe_destination(worker: Any) -> dict[str, WeightSpec]:
+    return dict(worker.weight_layout())
+
+
+def free_port(worker: Any) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _process_group(job: SyncJob, device: torch.device) -> Any:
+    import torch.distributed as dist
+
+    if job.group_id in _groups:
+        return _groups[job.group_id][1]
+    for old in list(_groups):  # one live sync group per process: drop stale ones
+        _groups.pop(old)
+    timeout = timedelta(seconds=job.timeout_s)
+    store = dist.TCPStore(job.store_host, job.store_port, job.world_size,
+                          is_master=job.sync_rank == 0, timeout=timeout)
+    if device.type == "cuda":
+        pg = dist.ProcessGroupNCCL(dist.PrefixStore(job.group_id, store), job.sync_rank,
+                                   job.world_size, timeout=timeout)
+    else:
+        pg = dist.ProcessGroupGloo(dist.PrefixStore(job.group_id, store), job.sync_rank,
+                                   job.world_size, timeout)
+    _groups[job.group_id] = (store, pg)
+    return pg
+
+
+def drop_group(worker: Any) -> None:
+    """Forget this process's sync group (after a failed sync)."""
+    _groups.clear()
+
+
+def _view(buf: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype,
+          shape: tuple[int, ...]) -> torch.Tensor:
+    raw = buf[offset:offset + nbytes]
+    if offset % torch.empty((), dtype=dtype).element_size():
+        raw = raw.clone()  # view(dtype) needs an aligned offset
+    return raw.view(dtype).view(shape)
+
+
+PROGRESS = "_rayexec_sync_progress"
+
+
+def sync_progress(worker: Any) -> tuple[int, int]:
+    """(tensors of the last sync loaded on this rank, tensors it needs)."""
+    return getattr(worker, PROGRESS, (0, 0))
+
+
+def run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
+    """This actor's part of a sync: its buckets, round by round. Returns
+    {"sent", "received", "loaded", "seconds"}. On failure it drops its process
+    group, so that peers blocked on it fail at once instead of at the timeout."""
+    try:
+        return _run_sync(worker, job)
+    except BaseException:
+        _groups.clear()
+        import gc
+
+        gc.collect()
+        raise
+
+
+def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
+    start = time.perf_counter()
+    sources = worker.weight_shards() if job.src_rank is not None else {}
+    layout = worker.weight_layout() if job.dst_rank is not None else {}
+    some = next(iter(sources.values()))[0] if sources else None
+    device = some.device if some is not None else _dst_device(worker)
+    pg = _process_group(job, device)
+    send_buf = recv_buf = None
+    assembling: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (tensor, elements left)
+    staged: dict[str, torch.Tensor] = {}
+    sent = received = loaded = 0
+    if job.dst_rank is not None:
+        setattr(worker, PROGRESS, (0, len(layout)))
+    for index, buckets in enumerate(job.rounds):
+        works, unpack = [], None
+        for bucket in buckets:
+            if bucket.src == job.src_rank:
+                if send_buf is None:
+                    send_buf = torch.empty(job.bucket_bytes, dtype=torch.uint8, device=device)
+                offset = 0
+                for t in bucket.transfers:
+                    tensor, spec = sources[t.name]
+                    region = tensor.detach()[tuple(slice(a, b)
+                                                   for a, b in relative(t.box, spec.box))]
+                    send_buf[offset:offset + t.nbytes].copy_(
+                        region.contiguous().view(-1).view(torch.uint8))
+                    offset += t.nbytes
+                peer = job.peers[("dst", bucket.dst)]
+                works.append(pg.send([send_buf[:bucket.nbytes]], peer, index))
+                sent += bucket.nbytes
+            if bucket.dst == job.dst_rank:
+                if recv_buf is None:
+                    recv_buf = torch.empty(job.bucket_bytes, dtype=torch.uint8, device=device)
+                peer = job.peers[("src", bucket.src)]
+                works.append(pg.recv([recv_buf[:bucket.nbytes]], peer, index))
+                received += bucket.nbytes
+                unpack = bucket
+        for work in works:
+            work.wait()
+        if unpack is not None:
+            done = _unpack(recv_buf, unpack, layout, assembling, device)
+            if job.stage:
+                staged.update(done)
+            elif done:
+                worker.load_weights(done, job.version)
+                loaded += len(done)
+                setattr(worker, PROGRESS, (loaded, len(layout)))
+    if assembling:
+        raise RuntimeError(f"sync {job.group_id}: destination rank {job.dst_rank} did not "
+                           f"receive all of {sorted(assembling)[:4]}; the plan and the "
+                           f"workers' layouts disagree")
+    if job.stage:
+        setattr(worker, STAGED, (job.version, staged))
+    return {"sent": sent, "received": received, "loaded": loaded,
+            "seconds": time.perf_counter() - start}
+
+
+def _dst_device(worker: Any) -> torch.device:
+    device = getattr(worker, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+def _unpack(buf: torch.Tensor, bucket: Bucket, layout: dict[str, WeightSpec],
+            assembling: dict[str, tuple[torch.Tensor, int]], device: torch.device
+            ) -> dict[str, torch.Tensor]:
+    """Copy the bucket's pieces into the tensors being assembled; return those now
+    complete (and forget them)."""
+    done = {}
+    offset = 0
+    for t in bucket.transfers:
+        spec = layout[t.name]
+        dtype = getattr(torch, spec.dtype)
+        if t.name not in assembling:
+            shape = tuple(b - a for a, b in spec.box)
+            assembling[t.name] = (torch.empty(shape, dtype=dtype, device=device),
+                                  torch.Size(shape).numel())
+        target, left = assembling[t.name]
+        rel = relative(t.box, spec.box)
+        piece = _view(buf, offset, t.nbytes, dtype, tuple(b - a for a, b in rel))
+        target[tuple(slice(a, b) for a, b in rel)].copy_(piece)
+        offset += t.nbytes
+        left -= piece.numel()
+        if left == 0:
+            done[t.name] = target
+            del assembling[t.name]
+        else:
+            assembling[t.name] = (target, left)
+    return done
+
+
+def commit_staged(worker: Any, version: Any) -> int:
+    """Load what a staged sync left on this rank; returns how many tensors."""
+    staged_version, staged = getattr(worker, STAGED, (None, None))
+    if staged is None or staged_version != version:
+        raise RuntimeError(f"no staged weights of version {version!r} on this rank (found "
+                           f"{staged_version!r}); run update_weights(..., stage=True) again")
+    worker.load_weights(staged, version)
+    setattr(worker, STAGED, (None, None))
+    return len(staged)
+
+
+def discard_staged(worker: Any) -> None:
+    setattr(worker, STAGED, (None, None))
