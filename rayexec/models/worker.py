@@ -17,7 +17,10 @@ Not here: scheduling (engine.py) or the math (decoder.py).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
+import os
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -141,22 +144,27 @@ class DecoderWorker:
         self.shard.load_named(named_tensors)
         self.weights_version = version
 
-    def sleep(self, level: int = 1) -> dict[str, int]:
+    def sleep(self, level: int = 1) -> dict[str, int | None]:
         """Level 1 frees the KV cache; level 2 also frees the weights (they must be
-        synced again after wake_up). Returns {"freed_bytes"}."""
+        synced again after wake_up). Returns the bytes freed ("cache_bytes",
+        "weight_bytes") and this process's RSS before and after ("rss_before",
+        "rss_after"; None where /proc is missing)."""
         self._check_loaded("sleep")
         if level not in (1, 2):
             raise ValueError(f"sleep(level={level!r}): expected 1 (caches) or 2 (caches and "
                              f"weights)")
-        freed = self.shard.cache.stats()["bytes"]
+        rss_before = rss_bytes()
+        out: dict[str, int | None] = {"cache_bytes": self.shard.cache.stats()["bytes"],
+                                      "weight_bytes": 0}
         self.shard.cache.clear()
-        if level == 2:
+        if level == 2 and self.asleep < 2:
             named = self.shard.named_weights()
             self._shapes = {n: tuple(t.shape) for n, t in named.items()}
-            freed += sum(t.numel() * t.element_size() for t in named.values())
+            out["weight_bytes"] = sum(t.numel() * t.element_size() for t in named.values())
             self.shard.drop_weights()
+        release_free_memory()
         self.asleep = max(self.asleep, level)
-        return {"freed_bytes": freed}
+        return {**out, "rss_before": rss_before, "rss_after": rss_bytes()}
 
     def wake_up(self) -> None:
         if self.asleep == 2:
@@ -181,6 +189,24 @@ class DecoderWorker:
             "embed": s is not None and s.embed is not None, "head": s is not None and s.has_head,
             "device": str(self.device),
         }
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size (Linux /proc), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps small frees in its arenas)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def decoder_executor_config(

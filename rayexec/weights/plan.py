@@ -276,9 +276,10 @@ def plan_transfers(source: Layout, destination: Layout,
                 if not holders:
                     raise ValueError(
                         f"weight {name!r}: destination rank {dst} needs {spec.describe()} "
-                        f"but no source rank holds the region {[list(r) for r in cell]}; "
-                        f"source ranks hold {[(r, [list(x) for x in b]) for r, b in overlapping]}"
-                        f". Give the source a layout whose parts cover the tensor")
+                        f"but no source rank holds the region {[list(r) for r in cell]} "
+                        f"(source ranks holding parts of {name!r}: "
+                        f"{[(r, [list(x) for x in b]) for r, b in holders_of[name]]}). Give "
+                        f"the source a layout whose parts cover the tensor")
                 if same_process.get(dst) in holders:
                     transfers.append(Transfer(name, same_process[dst], dst, cell,
                                               box_numel(cell) * spec.itemsize, local=True))
