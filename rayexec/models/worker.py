@@ -136,6 +136,14 @@ class DecoderWorker:
         layout = self.weight_layout()
         return {name: (t, layout[name]) for name, t in self.shard.named_weights().items()}
 
+    def weight_buffers(self) -> dict[str, torch.Tensor]:
+        """The live tensors, for an unstaged sync to fill in place."""
+        self._check_loaded("weight_buffers")
+        if self.asleep == 2:
+            raise RuntimeError(f"rank {self.rank}: weight sync while asleep at level 2 "
+                               f"(weights freed); call wake_up() first")
+        return self.shard.named_weights()
+
     def load_weights(self, named_tensors: dict[str, torch.Tensor], version: Any) -> None:
         self._check_loaded("load_weights")
         if self.asleep == 2:

@@ -51,6 +51,9 @@ class SyncReport:
     staged: bool
     started: float = field(default=0.0)
     """time.time() at the start (orders concurrent calls)."""
+    peak_extra_bytes_by_actor: list[int] = field(default_factory=list)
+    """Per sync actor (sources, then destinations): the most bytes its bucket buffers
+    and the tensors it was assembling held at once."""
 
     @property
     def gb_per_s(self) -> float:
@@ -157,7 +160,8 @@ def sync_weights(state: WeightState, dst: WorkerGroup, src: WorkerGroup, *, vers
     state.set("synced", version)
     return SyncReport(version, plan.wire_bytes, time.perf_counter() - start,
                       plan.bytes_by_source(), plan.bytes_by_destination(), len(rounds),
-                      len(plan.transfers), bucket_bytes, stage, started_wall)
+                      len(plan.transfers), bucket_bytes, stage, started_wall,
+                      [r["peak_extra_bytes"] for r in results])
 
 
 def _wait_all(refs: list[Any], labels: list[str], timeout: float) -> str | None:

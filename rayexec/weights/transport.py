@@ -7,7 +7,10 @@ The contract a worker class meets (any of the two roles, or both):
   destination  `weight_layout() -> {name: WeightSpec}`: what this rank needs;
                `load_weights(named_tensors, version)`: take tensors shaped as its
                specs' boxes (called with a few names at a time, or with all of them
-               at once when the sync is staged).
+               at once when the sync is staged);
+               optional `weight_buffers() -> {name: tensor}`: its live tensors, which
+               an unstaged sync then fills in place (load_weights gets only the
+               names it could not, and `{}` at the end to record the version).
   optional     `sleep(level)` / `wake_up()`.
 
 Transport: one gloo (CPU tensors) or NCCL (CUDA tensors) process group over the
@@ -152,6 +155,11 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
     start = time.perf_counter()
     sources = worker.weight_shards() if job.src_rank is not None else {}
     layout = worker.weight_layout() if job.dst_rank is not None else {}
+    # Unstaged, a worker that offers its live tensors gets the pieces written straight
+    # into them: no second copy of a tensor while it arrives.
+    buffers = (worker.weight_buffers() if job.dst_rank is not None and not job.stage
+               and callable(getattr(worker, "weight_buffers", None)) else {})
+    in_place = 0
     some = next(iter(sources.values()))[0] if sources else None
     device = some.device if some is not None else _dst_device(worker)
     pg = _process_group(job, device)
@@ -159,6 +167,7 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
     assembling: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (tensor, elements left)
     staged: dict[str, torch.Tensor] = {}
     sent = received = loaded = 0
+    peak = 0  # high-water mark of the buffers plus the tensors being assembled
     if job.dst_rank is not None:
         setattr(worker, PROGRESS, (0, len(layout)))
     for index, buckets in enumerate(job.rounds):
@@ -170,10 +179,14 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
                 offset = 0
                 for t in bucket.transfers:
                     tensor, spec = sources[t.name]
-                    region = tensor.detach()[tuple(slice(a, b)
-                                                   for a, b in relative(t.box, spec.box))]
-                    send_buf[offset:offset + t.nbytes].copy_(
-                        region.contiguous().view(-1).view(torch.uint8))
+                    rel = relative(t.box, spec.box)
+                    region = tensor.detach()[tuple(slice(a, b) for a, b in rel)]
+                    if offset % region.element_size() == 0:  # straight into the buffer
+                        send_buf[offset:offset + t.nbytes].view(region.dtype).view(
+                            region.shape).copy_(region)
+                    else:
+                        send_buf[offset:offset + t.nbytes].copy_(
+                            region.contiguous().view(-1).view(torch.uint8))
                     offset += t.nbytes
                 peer = job.peers[("dst", bucket.dst)]
                 works.append(pg.send([send_buf[:bucket.nbytes]], peer, index))
@@ -187,21 +200,29 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
                 unpack = bucket
         for work in works:
             work.wait()
+        peak = max(peak, sum(b.numel() for b in (send_buf, recv_buf) if b is not None)
+                   + sum(t.numel() * t.element_size() for n, (t, _) in assembling.items()
+                         if buffers.get(n) is not t))
         if unpack is not None:
-            done = _unpack(recv_buf, unpack, layout, assembling, device)
+            done = _unpack(recv_buf, unpack, layout, assembling, device, buffers)
             if job.stage:
                 staged.update(done)
             elif done:
-                worker.load_weights(done, job.version)
+                written = {n: t for n, t in done.items() if buffers.get(n) is not t}
+                if written:
+                    worker.load_weights(written, job.version)
                 loaded += len(done)
+                in_place += len(done) - len(written)
                 setattr(worker, PROGRESS, (loaded, len(layout)))
+    if in_place:
+        worker.load_weights({}, job.version)  # the tensors are in place; record the version
     if assembling:
         raise RuntimeError(f"sync {job.group_id}: destination rank {job.dst_rank} did not "
                            f"receive all of {sorted(assembling)[:4]}; the plan and the "
                            f"workers' layouts disagree")
     if job.stage:
         setattr(worker, STAGED, (job.version, staged))
-    return {"sent": sent, "received": received, "loaded": loaded,
+    return {"sent": sent, "received": received, "loaded": loaded, "peak_extra_bytes": peak,
             "seconds": time.perf_counter() - start}
 
 
@@ -211,10 +232,11 @@ def _dst_device(worker: Any) -> torch.device:
 
 
 def _unpack(buf: torch.Tensor, bucket: Bucket, layout: dict[str, WeightSpec],
-            assembling: dict[str, tuple[torch.Tensor, int]], device: torch.device
-            ) -> dict[str, torch.Tensor]:
-    """Copy the bucket's pieces into the tensors being assembled; return those now
-    complete (and forget them)."""
+            assembling: dict[str, tuple[torch.Tensor, int]], device: torch.device,
+            buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy the bucket's pieces into the tensors being assembled (the worker's own
+    tensor from `buffers` when it matches); return those now complete (and forget
+    them)."""
     done = {}
     offset = 0
     for t in bucket.transfers:
@@ -222,8 +244,10 @@ def _unpack(buf: torch.Tensor, bucket: Bucket, layout: dict[str, WeightSpec],
         dtype = getattr(torch, spec.dtype)
         if t.name not in assembling:
             shape = tuple(b - a for a, b in spec.box)
-            assembling[t.name] = (torch.empty(shape, dtype=dtype, device=device),
-                                  torch.Size(shape).numel())
+            live = buffers.get(t.name)
+            if live is None or tuple(live.shape) != shape or live.dtype != dtype:
+                live = torch.empty(shape, dtype=dtype, device=device)
+            assembling[t.name] = (live, torch.Size(shape).numel())
         target, left = assembling[t.name]
         rel = relative(t.box, spec.box)
         piece = _view(buf, offset, t.nbytes, dtype, tuple(b - a for a, b in rel))

@@ -219,3 +219,15 @@ def test_update_weights_on_a_closed_executor(local_ray):
     ex.shutdown()
     with pytest.raises(ExecutorClosedError):
         ex.update_weights(None)
+
+
+def test_colocated_trainer_and_executor_share_bundles(local_ray, no_leaks):
+    from ray.util import placement_group_table
+
+    with RLSetup.start(2, 1, 2, 1, model=TINY, colocate=True, max_new_tokens=4) as rl:
+        pg_id = rl.placement_group.id.hex()
+        assert rl.executor.placement_group.id.hex() == pg_id
+        assert len(placement_group_table()[pg_id]["bundles"]) == 2  # 4 actors on 2 bundles
+        record = rl.iteration(1)
+    assert record["identical"], record
+    assert "sleep_rss_freed_bytes" in record and record["version"] == 1
