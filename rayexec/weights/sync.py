@@ -93,8 +93,14 @@ def sync_weights(state: WeightState, dst: WorkerGroup, src: WorkerGroup, *, vers
     """Move `src`'s weights into `dst` (see the module docstring). The caller holds
     `state.lock` and keeps steps away from `dst`."""
     started_wall, start = time.time(), time.perf_counter()
-    src_layout = dict(enumerate(src.run(transport.describe_source, timeout=timeout)))
-    dst_layout = dict(enumerate(dst.run(transport.describe_destination, timeout=timeout)))
+    # Both sides are asked at once (and rank 0 for a port for the group's store).
+    src_refs = src.run_async(transport.describe_source)
+    dst_refs = dst.run_async(transport.describe_destination)
+    port_ref = src.run_async(transport.free_port, ranks=[0])
+    what = "update_weights: describing the weights"
+    src_layout = dict(enumerate(src._wait(src_refs, timeout, what, "update_weights(timeout=)")))
+    dst_layout = dict(enumerate(dst._wait(dst_refs, timeout, what, "update_weights(timeout=)")))
+    port = src._wait(port_ref, timeout, what, "update_weights(timeout=)")[0]
     src_ids = {a._actor_id.hex(): r for r, a in enumerate(src.actors)}
     same = {d: src_ids[a._actor_id.hex()] for d, a in enumerate(dst.actors)
             if a._actor_id.hex() in src_ids}
@@ -115,7 +121,6 @@ def sync_weights(state: WeightState, dst: WorkerGroup, src: WorkerGroup, *, vers
             roles[key][1] = d
         peers[("dst", d)] = actors.index(a)
     group_id = uuid.uuid4().hex
-    port = src.run(transport.free_port, ranks=[0], timeout=timeout)[0]
     jobs = []
     for sync_rank, a in enumerate(actors):
         src_rank, dst_rank = roles[a._actor_id.hex()]

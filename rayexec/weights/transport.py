@@ -17,8 +17,9 @@ Transport: one gloo (CPU tensors) or NCCL (CUDA tensors) process group over the
 source's ranks then the destination's (sync ranks 0..S-1, S..S+D-1), built from a
 TCPStore on source rank 0 without touching either side's default process group
 (trainers and TP engines have their own). Point-to-point send/recv, one bucket per
-rank and role at a time (plan.schedule's rounds), each from a reused buffer of
-bucket_bytes: a rank's extra memory is that buffer plus the tensors it is assembling.
+rank and role per round (plan.schedule's rounds), from two reused buffers per role
+(round i is posted while round i-1 completes): a pure sender or receiver holds at
+most 2 x bucket_bytes, plus any tensor it assembles outside the worker's own.
 A peer that dies makes gloo's recv fail at once ("Connection closed by peer"); a
 peer that hangs runs into the group's timeout.
 
@@ -163,57 +164,70 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
     some = next(iter(sources.values()))[0] if sources else None
     device = some.device if some is not None else _dst_device(worker)
     pg = _process_group(job, device)
-    send_buf = recv_buf = None
+    # Two buffers per role, alternating by round: round i is posted (packed and sent,
+    # its receive started) before round i-1 is waited for and unpacked, so packing,
+    # the wire and unpacking overlap. Each is as large as this rank's largest bucket.
+    mine = [b for r in job.rounds for b in r]
+    send_size = max((b.nbytes for b in mine if b.src == job.src_rank), default=0)
+    recv_size = max((b.nbytes for b in mine if b.dst == job.dst_rank), default=0)
+    send_bufs = [torch.empty(send_size, dtype=torch.uint8, device=device)
+                 for _ in range(2 if send_size else 0)]
+    recv_bufs = [torch.empty(recv_size, dtype=torch.uint8, device=device)
+                 for _ in range(2 if recv_size else 0)]
+    fixed = 2 * (send_size + recv_size)
     assembling: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (tensor, elements left)
     staged: dict[str, torch.Tensor] = {}
     sent = received = loaded = 0
     peak = 0  # high-water mark of the buffers plus the tensors being assembled
     if job.dst_rank is not None:
         setattr(worker, PROGRESS, (0, len(layout)))
-    for index, buckets in enumerate(job.rounds):
+
+    def post(index: int, buckets: list[Bucket]) -> tuple[list[Any], Bucket | None]:
+        nonlocal sent, received
         works, unpack = [], None
         for bucket in buckets:
             if bucket.src == job.src_rank:
-                if send_buf is None:
-                    send_buf = torch.empty(job.bucket_bytes, dtype=torch.uint8, device=device)
-                offset = 0
-                for t in bucket.transfers:
-                    tensor, spec = sources[t.name]
-                    rel = relative(t.box, spec.box)
-                    region = tensor.detach()[tuple(slice(a, b) for a, b in rel)]
-                    if offset % region.element_size() == 0:  # straight into the buffer
-                        send_buf[offset:offset + t.nbytes].view(region.dtype).view(
-                            region.shape).copy_(region)
-                    else:
-                        send_buf[offset:offset + t.nbytes].copy_(
-                            region.contiguous().view(-1).view(torch.uint8))
-                    offset += t.nbytes
-                peer = job.peers[("dst", bucket.dst)]
-                works.append(pg.send([send_buf[:bucket.nbytes]], peer, index))
+                buf = send_bufs[index % 2]
+                _pack(buf, bucket, sources)
+                works.append(pg.send([buf[:bucket.nbytes]], job.peers[("dst", bucket.dst)],
+                                     index))
                 sent += bucket.nbytes
             if bucket.dst == job.dst_rank:
-                if recv_buf is None:
-                    recv_buf = torch.empty(job.bucket_bytes, dtype=torch.uint8, device=device)
-                peer = job.peers[("src", bucket.src)]
-                works.append(pg.recv([recv_buf[:bucket.nbytes]], peer, index))
+                buf = recv_bufs[index % 2]
+                works.append(pg.recv([buf[:bucket.nbytes]], job.peers[("src", bucket.src)],
+                                     index))
                 received += bucket.nbytes
                 unpack = bucket
+        return works, unpack
+
+    def finish(index: int, works: list[Any], unpack: Bucket | None) -> None:
+        nonlocal loaded, in_place, peak
         for work in works:
             work.wait()
-        peak = max(peak, sum(b.numel() for b in (send_buf, recv_buf) if b is not None)
-                   + sum(t.numel() * t.element_size() for n, (t, _) in assembling.items()
-                         if buffers.get(n) is not t))
-        if unpack is not None:
-            done = _unpack(recv_buf, unpack, layout, assembling, device, buffers)
-            if job.stage:
-                staged.update(done)
-            elif done:
-                written = {n: t for n, t in done.items() if buffers.get(n) is not t}
-                if written:
-                    worker.load_weights(written, job.version)
-                loaded += len(done)
-                in_place += len(done) - len(written)
-                setattr(worker, PROGRESS, (loaded, len(layout)))
+        peak = max(peak, fixed + sum(t.numel() * t.element_size()
+                                     for n, (t, _) in assembling.items()
+                                     if buffers.get(n) is not t))
+        if unpack is None:
+            return
+        done = _unpack(recv_bufs[index % 2], unpack, layout, assembling, device, buffers)
+        if job.stage:
+            staged.update(done)
+        elif done:
+            written = {n: t for n, t in done.items() if buffers.get(n) is not t}
+            if written:
+                worker.load_weights(written, job.version)
+            loaded += len(done)
+            in_place += len(done) - len(written)
+            setattr(worker, PROGRESS, (loaded, len(layout)))
+
+    previous = None
+    for index, buckets in enumerate(job.rounds):
+        posted = (index, *post(index, buckets))
+        if previous is not None:
+            finish(*previous)
+        previous = posted
+    if previous is not None:
+        finish(*previous)
     if in_place:
         worker.load_weights({}, job.version)  # the tensors are in place; record the version
     if assembling:
@@ -224,6 +238,19 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
         setattr(worker, STAGED, (job.version, staged))
     return {"sent": sent, "received": received, "loaded": loaded, "peak_extra_bytes": peak,
             "seconds": time.perf_counter() - start}
+
+
+def _pack(buf: torch.Tensor, bucket: Bucket,
+          sources: dict[str, tuple[torch.Tensor, WeightSpec]]) -> None:
+    offset = 0
+    for t in bucket.transfers:
+        tensor, spec = sources[t.name]
+        region = tensor.detach()[tuple(slice(a, b) for a, b in relative(t.box, spec.box))]
+        if offset % region.element_size() == 0:  # straight into the buffer
+            buf[offset:offset + t.nbytes].view(region.dtype).view(region.shape).copy_(region)
+        else:
+            buf[offset:offset + t.nbytes].copy_(region.contiguous().view(-1).view(torch.uint8))
+        offset += t.nbytes
 
 
 def _dst_device(worker: Any) -> torch.device:
