@@ -75,6 +75,9 @@ class WeightState:
         self.status = "seeded"
         self.detail = ""
         self.asleep = 0  # the sleep level, 0 when awake
+        # (actor ids in sync-rank order, group id, store port) of the last good sync:
+        # the same actors reuse their process group (one TCP mesh set-up saved).
+        self.session: tuple[tuple[str, ...], str, int] | None = None
 
     def check_servable(self) -> None:
         if self.asleep:
@@ -120,7 +123,12 @@ def sync_weights(state: WeightState, dst: WorkerGroup, src: WorkerGroup, *, vers
         else:
             roles[key][1] = d
         peers[("dst", d)] = actors.index(a)
-    group_id = uuid.uuid4().hex
+    key = tuple(a._actor_id.hex() for a in actors)
+    if state.session is not None and state.session[0] == key:
+        group_id, port = state.session[1], state.session[2]
+    else:
+        group_id = uuid.uuid4().hex
+    state.session = None  # set again only when this sync succeeds
     jobs = []
     for sync_rank, a in enumerate(actors):
         src_rank, dst_rank = roles[a._actor_id.hex()]
@@ -163,6 +171,7 @@ def sync_weights(state: WeightState, dst: WorkerGroup, src: WorkerGroup, *, vers
                       f"need (rank: (loaded, needed)) {short}")
             raise WeightSyncError(state.detail)
     state.set("synced", version)
+    state.session = (key, group_id, port)
     return SyncReport(version, plan.wire_bytes, time.perf_counter() - start,
                       plan.bytes_by_source(), plan.bytes_by_destination(), len(rounds),
                       len(plan.transfers), bucket_bytes, stage, started_wall,

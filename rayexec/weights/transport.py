@@ -36,11 +36,13 @@ from typing import Any
 
 import torch
 
-from rayexec.weights.plan import Bucket, WeightSpec, relative
+from rayexec.weights.plan import Box, Bucket, Transfer, WeightSpec, box_numel, relative
 
 logger = logging.getLogger(__name__)
 
 STAGED = "_rayexec_staged_weights"
+DIRECT_BYTES = 1 << 20  # transfers this large travel as their own message
+MAX_MESSAGES = 1 << 16  # messages per bucket (message tags are round * this + index)
 _groups: dict[str, tuple[Any, Any]] = {}  # group id -> (store, process group), per process
 
 
@@ -170,11 +172,13 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
     mine = [b for r in job.rounds for b in r]
     send_size = max((b.nbytes for b in mine if b.src == job.src_rank), default=0)
     recv_size = max((b.nbytes for b in mine if b.dst == job.dst_rank), default=0)
-    send_bufs = [torch.empty(send_size, dtype=torch.uint8, device=device)
-                 for _ in range(2 if send_size else 0)]
-    recv_bufs = [torch.empty(recv_size, dtype=torch.uint8, device=device)
-                 for _ in range(2 if recv_size else 0)]
-    fixed = 2 * (send_size + recv_size)
+    bufs: dict[tuple[str, int], torch.Tensor] = {}  # allocated when a message needs one
+
+    def buffer(role: str, index: int) -> torch.Tensor:
+        if (role, index % 2) not in bufs:
+            size = send_size if role == "send" else recv_size
+            bufs[(role, index % 2)] = torch.empty(size, dtype=torch.uint8, device=device)
+        return bufs[(role, index % 2)]
     assembling: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (tensor, elements left)
     staged: dict[str, torch.Tensor] = {}
     sent = received = loaded = 0
@@ -182,47 +186,98 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
     if job.dst_rank is not None:
         setattr(worker, PROGRESS, (0, len(layout)))
 
-    def post(index: int, buckets: list[Bucket]) -> tuple[list[Any], Bucket | None]:
+    def target(name: str) -> tuple[torch.Tensor, WeightSpec]:
+        """The tensor `name` is assembled in: the worker's own (in place) or a new one."""
+        spec = layout[name]
+        if name not in assembling:
+            shape, dtype = tuple(b - a for a, b in spec.box), getattr(torch, spec.dtype)
+            live = buffers.get(name)
+            if live is None or tuple(live.shape) != shape or live.dtype != dtype:
+                live = torch.empty(shape, dtype=dtype, device=device)
+            assembling[name] = (live, torch.Size(shape).numel())
+        return assembling[name][0], spec
+
+    def post(index: int, buckets: list[Bucket]) -> tuple[list[Any], list[Any]]:
+        """Start this rank's messages of round `index`; (works, pieces to copy out of
+        the receive buffer once they arrived)."""
         nonlocal sent, received
-        works, unpack = [], None
+        works, copies = [], []
         for bucket in buckets:
             if bucket.src == job.src_rank:
-                buf = send_bufs[index % 2]
-                _pack(buf, bucket, sources)
-                works.append(pg.send([buf[:bucket.nbytes]], job.peers[("dst", bucket.dst)],
-                                     index))
+                cursor = 0
+                peer = job.peers[("dst", bucket.dst)]
+                for tag, message in enumerate(messages(bucket)):
+                    region = None
+                    if len(message) == 1:
+                        tensor, spec = sources[message[0].name]
+                        region = _region(tensor.detach(), message[0].box, spec.box)
+                    if region is not None and region.is_contiguous():
+                        wire = region.view(-1).view(torch.uint8)  # zero-copy
+                    else:
+                        size = sum(t.nbytes for t in message)
+                        wire = buffer("send", index)[cursor:cursor + size]
+                        _pack(wire, message, sources)
+                        cursor += size
+                    works.append(pg.send([wire], peer, _tag(index, tag)))
                 sent += bucket.nbytes
             if bucket.dst == job.dst_rank:
-                buf = recv_bufs[index % 2]
-                works.append(pg.recv([buf[:bucket.nbytes]], job.peers[("src", bucket.src)],
-                                     index))
+                cursor = 0
+                peer = job.peers[("src", bucket.src)]
+                for tag, message in enumerate(messages(bucket)):
+                    view = None
+                    if len(message) == 1:
+                        into, spec = target(message[0].name)
+                        view = _region(into, message[0].box, spec.box)
+                    if view is not None and view.is_contiguous():
+                        wire = view.view(-1).view(torch.uint8)  # straight into place
+                    else:
+                        size = sum(t.nbytes for t in message)
+                        wire = buffer("recv", index)[cursor:cursor + size]
+                        copies.append((wire, message))
+                        cursor += size
+                    works.append(pg.recv([wire], peer, _tag(index, tag)))
                 received += bucket.nbytes
-                unpack = bucket
-        return works, unpack
+                copies.append((None, bucket.transfers))  # count every piece as arrived
+        return works, copies
 
-    def finish(index: int, works: list[Any], unpack: Bucket | None) -> None:
+    def finish(works: list[Any], copies: list[Any]) -> None:
         nonlocal loaded, in_place, peak
         for work in works:
             work.wait()
-        peak = max(peak, fixed + sum(t.numel() * t.element_size()
-                                     for n, (t, _) in assembling.items()
-                                     if buffers.get(n) is not t))
-        if unpack is None:
+        outside = sum(t.numel() * t.element_size() for n, (t, _) in assembling.items()
+                      if buffers.get(n) is not t)  # tensors assembled outside the worker's
+        peak = max(peak, sum(b.numel() for b in bufs.values()) + outside)
+        done = {}
+        for wire, message in copies:
+            offset = 0
+            for t in message:
+                into, spec = target(t.name)
+                if wire is not None:  # arrived in the buffer: copy it into place
+                    dtype = into.dtype
+                    piece = _view(wire, offset, t.nbytes, dtype, _box_shape(t.box))
+                    _region(into, t.box, spec.box).copy_(piece)
+                    offset += t.nbytes
+                    continue
+                left = assembling[t.name][1] - box_numel(t.box)
+                assembling[t.name] = (into, left)
+                if left == 0:
+                    done[t.name] = into
+                    del assembling[t.name]
+        if not done:
             return
-        done = _unpack(recv_bufs[index % 2], unpack, layout, assembling, device, buffers)
         if job.stage:
             staged.update(done)
-        elif done:
-            written = {n: t for n, t in done.items() if buffers.get(n) is not t}
-            if written:
-                worker.load_weights(written, job.version)
-            loaded += len(done)
-            in_place += len(done) - len(written)
-            setattr(worker, PROGRESS, (loaded, len(layout)))
+            return
+        written = {n: t for n, t in done.items() if buffers.get(n) is not t}
+        if written:
+            worker.load_weights(written, job.version)
+        loaded += len(done)
+        in_place += len(done) - len(written)
+        setattr(worker, PROGRESS, (loaded, len(layout)))
 
     previous = None
     for index, buckets in enumerate(job.rounds):
-        posted = (index, *post(index, buckets))
+        posted = post(index, buckets)
         if previous is not None:
             finish(*previous)
         previous = posted
@@ -240,53 +295,44 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
             "seconds": time.perf_counter() - start}
 
 
-def _pack(buf: torch.Tensor, bucket: Bucket,
+def messages(bucket: Bucket) -> list[tuple[Transfer, ...]]:
+    """How a bucket travels, as both ends compute it: the transfers under
+    DIRECT_BYTES packed into one message, each larger one as its own message (sent
+    from, and received into, the tensors themselves where the region is contiguous)."""
+    small = tuple(t for t in bucket.transfers if t.nbytes < DIRECT_BYTES)
+    return ([small] if small else []) + [(t,) for t in bucket.transfers
+                                         if t.nbytes >= DIRECT_BYTES]
+
+
+def _tag(index: int, message: int) -> int:
+    return index * MAX_MESSAGES + message
+
+
+def _box_shape(box: Box) -> tuple[int, ...]:
+    return tuple(b - a for a, b in box)
+
+
+def _region(tensor: torch.Tensor, box: Box, held: Box) -> torch.Tensor:
+    """The view of `tensor` (which holds the region `held`) for `box`."""
+    return tensor[tuple(slice(a, b) for a, b in relative(box, held))]
+
+
+def _pack(wire: torch.Tensor, message: tuple[Transfer, ...],
           sources: dict[str, tuple[torch.Tensor, WeightSpec]]) -> None:
     offset = 0
-    for t in bucket.transfers:
+    for t in message:
         tensor, spec = sources[t.name]
-        region = tensor.detach()[tuple(slice(a, b) for a, b in relative(t.box, spec.box))]
+        region = _region(tensor.detach(), t.box, spec.box)
         if offset % region.element_size() == 0:  # straight into the buffer
-            buf[offset:offset + t.nbytes].view(region.dtype).view(region.shape).copy_(region)
+            wire[offset:offset + t.nbytes].view(region.dtype).view(region.shape).copy_(region)
         else:
-            buf[offset:offset + t.nbytes].copy_(region.contiguous().view(-1).view(torch.uint8))
+            wire[offset:offset + t.nbytes].copy_(region.contiguous().view(-1).view(torch.uint8))
         offset += t.nbytes
 
 
 def _dst_device(worker: Any) -> torch.device:
     device = getattr(worker, "device", None)
     return device if isinstance(device, torch.device) else torch.device("cpu")
-
-
-def _unpack(buf: torch.Tensor, bucket: Bucket, layout: dict[str, WeightSpec],
-            assembling: dict[str, tuple[torch.Tensor, int]], device: torch.device,
-            buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy the bucket's pieces into the tensors being assembled (the worker's own
-    tensor from `buffers` when it matches); return those now complete (and forget
-    them)."""
-    done = {}
-    offset = 0
-    for t in bucket.transfers:
-        spec = layout[t.name]
-        dtype = getattr(torch, spec.dtype)
-        if t.name not in assembling:
-            shape = tuple(b - a for a, b in spec.box)
-            live = buffers.get(t.name)
-            if live is None or tuple(live.shape) != shape or live.dtype != dtype:
-                live = torch.empty(shape, dtype=dtype, device=device)
-            assembling[t.name] = (live, torch.Size(shape).numel())
-        target, left = assembling[t.name]
-        rel = relative(t.box, spec.box)
-        piece = _view(buf, offset, t.nbytes, dtype, tuple(b - a for a, b in rel))
-        target[tuple(slice(a, b) for a, b in rel)].copy_(piece)
-        offset += t.nbytes
-        left -= piece.numel()
-        if left == 0:
-            done[t.name] = target
-            del assembling[t.name]
-        else:
-            assembling[t.name] = (target, left)
-    return done
 
 
 def commit_staged(worker: Any, version: Any) -> int:
