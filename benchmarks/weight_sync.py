@@ -178,7 +178,8 @@ def floor_seconds(pair_bytes: dict[tuple[int, int], int]) -> float:
     return seconds
 
 
-def run_cell(layout: str, mib: int, repeats: int, have_safetensors: bool) -> dict[str, Any]:
+def run_cell(layout: str, mib: int, repeats: int, have_safetensors: bool,
+             bucket_mib: int = 32, paths: tuple[str, ...] = ()) -> dict[str, Any]:
     import cloudpickle
     import ray
 
@@ -205,7 +206,8 @@ def run_cell(layout: str, mib: int, repeats: int, have_safetensors: bool) -> dic
     for t in plan.transfers:
         pair_bytes[(t.src, t.dst)] = pair_bytes.get((t.src, t.dst), 0) + t.nbytes
     peaks: list[int] = []
-    bucket = 32 << 20
+    bucket = bucket_mib << 20
+    paths = paths or tuple(times)
     try:
         expected = None
         for _ in range(repeats):
@@ -216,6 +218,9 @@ def run_cell(layout: str, mib: int, repeats: int, have_safetensors: bool) -> dic
             expected = sums if expected is None else expected
             assert sums == expected, (sums, expected)
 
+            if "object_store" not in paths:
+                times["floor"].append(floor_seconds(pair_bytes))
+                continue
             start = time.perf_counter()
             parts = driver_parts(trainer, executor)
             refs = [ray.put(p) for p in parts]
@@ -267,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--json", default="results/weight_sync.json")
+    parser.add_argument("--bucket-mib", type=int, default=32)
+    parser.add_argument("--quick", action="store_true",
+                        help="only rayexec's sync and the floor")
     args = parser.parse_args(argv)
     import importlib.util
 
@@ -278,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mib in (int(s) for s in args.sizes.split(",")):
             for layout in args.layouts.split(","):
-                cell = run_cell(layout, mib, args.repeats, have_safetensors)
+                cell = run_cell(layout, mib, args.repeats, have_safetensors, args.bucket_mib,
+                                ("rayexec", "floor") if args.quick else ())
                 cells.append(cell)
                 print(format_row(cell), flush=True)
     finally:
@@ -302,6 +311,7 @@ def format_row(cell: dict[str, Any]) -> str:
     if "rayexec" in p and "floor" in p:
         ours = p["rayexec"]["median_s"]
         parts.append(f"rayexec/floor speed {p['floor']['median_s'] / ours:.2f}x")
+    if "rayexec" in p and "object_store" in p:
         parts.append(f"vs object_store {p['object_store']['median_s'] / ours:.2f}x")
     parts.append(f"peak extra {cell['peak_extra_bytes_max'] / 2**20:.0f} MiB "
                  f"(bucket {cell['bucket_bytes'] >> 20} MiB)")

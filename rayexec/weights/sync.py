@@ -136,9 +136,10 @@ def sync_weights(state: WeightState, dst: WorkerGroup, src: WorkerGroup, *, vers
         # Keep round indexes (they are the message tags); drop only trailing empties.
         while mine and not mine[-1]:
             mine.pop()
+        local = tuple(t for t in plan.transfers if t.local and t.dst == dst_rank)
         jobs.append(transport.SyncJob(group_id, src.node_ip(0), port, len(actors), sync_rank,
                                       src_rank, dst_rank, peers, mine, bucket_bytes, version,
-                                      stage, timeout))
+                                      stage, timeout, local))
     label = [f"source rank {roles[a._actor_id.hex()][0]}" if roles[a._actor_id.hex()][0]
              is not None else f"destination rank {roles[a._actor_id.hex()][1]}" for a in actors]
     logger.info("weight sync v%s: %d transfers, %.1f MiB in %d rounds of <= %d MiB buckets",

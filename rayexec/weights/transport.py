@@ -64,6 +64,8 @@ class SyncJob:
     version: Any
     stage: bool
     timeout_s: float
+    local: tuple[Transfer, ...] = ()
+    """Transfers to this actor from itself (its source role to its destination role)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -275,6 +277,15 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
         in_place += len(done) - len(written)
         setattr(worker, PROGRESS, (loaded, len(layout)))
 
+    if job.local:  # copies within this process; none when both are the same memory
+        for t in job.local:
+            into, spec = target(t.name)
+            tensor, held = sources[t.name]
+            mine, theirs = _region(into, t.box, spec.box), _region(tensor.detach(), t.box,
+                                                                   held.box)
+            if mine.data_ptr() != theirs.data_ptr() or mine.stride() != theirs.stride():
+                mine.copy_(theirs)
+        finish([], [(None, job.local)])
     previous = None
     for index, buckets in enumerate(job.rounds):
         posted = post(index, buckets)

@@ -231,3 +231,22 @@ def test_colocated_trainer_and_executor_share_bundles(local_ray, no_leaks):
         record = rl.iteration(1)
     assert record["identical"], record
     assert "sleep_rss_freed_bytes" in record and record["version"] == 1
+
+
+def test_an_executor_is_a_source_too(one_by_two):
+    """Serve -> serve resharding (1x2 -> 1x1), and a sync from itself moves no bytes."""
+    group = start_trainer(1, 2)
+    try:
+        one_by_two.update_weights(group, version=30)
+    finally:
+        group.shutdown()
+    want = step(one_by_two)
+    with start_executor(1, 1, forward="rpc") as other:
+        report = other.update_weights(one_by_two, version=30)
+        assert report.bytes == sum(report.bytes_by_source_rank.values()) > 0
+        got = step(other)
+    assert got[0] == want[0]
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    itself = one_by_two.update_weights(one_by_two, version=31)
+    assert itself.bytes == 0 and one_by_two.weights_version == 31
+    assert step(one_by_two)[0] == want[0]
