@@ -29,6 +29,7 @@ from rayexec.models.engine import generate, make_prompts
 from rayexec.models.reference import ReferenceModel
 from rayexec.models.trainer import TrainerWorker, full_weights
 from rayexec.models.worker import decoder_executor_config
+from rayexec.placement import ensure_ray
 from rayexec.resources import ResourceConfig
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class RLSetup:
         n_train, n_serve = train_dp * train_tp, serve_pp * serve_tp
         pg = None
         train_kwargs = {"dp": train_dp, "tp": train_tp, "model": config, "seed": seed, "lr": lr}
+        # Join RAY_ADDRESS or start the embedded Ray as the executor would, before
+        # a placement group is made.
+        ensure_ray(decoder_executor_config(serve_pp, serve_tp, model=config, device="cpu"))
         if colocate:
             from ray.util.placement_group import placement_group
 
