@@ -102,6 +102,10 @@ class TrainModel(nn.Module):
         return torch.stack(losses).mean()
 
     def _sequence_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(ids)[:-1].float(), ids[1:])
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """[tokens, vocab] next-token logits of one sequence."""
         c = self.config
         n, heads = ids.shape[0], c.num_heads // self.tp
         h = self._p("embed")[ids]
@@ -120,8 +124,7 @@ class TrainModel(nn.Module):
             x = self._copy(rms_norm(h, p("mlp_norm"), c.norm_eps))
             mlp = F.silu(x @ p("gate_proj").T) * (x @ p("up_proj").T)
             h = h + self._reduce(mlp @ p("down_proj").T)
-        logits = rms_norm(h, self._p("final_norm"), c.norm_eps) @ self._p("lm_head").T
-        return F.cross_entropy(logits[:-1].float(), ids[1:])
+        return rms_norm(h, self._p("final_norm"), c.norm_eps) @ self._p("lm_head").T
 
 
 class TrainerWorker:

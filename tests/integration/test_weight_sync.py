@@ -250,3 +250,16 @@ def test_an_executor_is_a_source_too(one_by_two):
     itself = one_by_two.update_weights(one_by_two, version=31)
     assert itself.bytes == 0 and one_by_two.weights_version == 31
     assert step(one_by_two)[0] == want[0]
+
+
+def test_rl_cli_writes_identical_iterations(local_ray, tmp_path):
+    import json
+
+    from rayexec.cli import main
+
+    path = tmp_path / "rl.json"
+    assert main(["rl", "--train-tp", "2", "--iterations", "1", "--model", "tiny",
+                 "--max-new-tokens", "4", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())["iterations"][0]
+    assert record["identical"] and record["version"] == 1 and record["bytes"] > 0
+    assert record["ids"] == record["reference_ids"]
