@@ -518,6 +518,7 @@ class RayDistributedExecutor:
             for phase in ("init_device", "load_model"):
                 if callable(getattr(self.worker_cls, phase, None)):
                     self._group.run(phase)
+            self._weights.workers_rebuilt()  # synced weights are gone: refuse until a sync
             with self._state_lock:
                 self._dead.clear()
             self._start_monitor()
@@ -581,12 +582,13 @@ class RayDistributedExecutor:
         self._wait_until_serving()
         self._check_method("sleep")
         return serving.sleep(self._weights, self._parts.steps, self._group, level,
-                             self.config.rpc_timeout_s)
+                             self.config.rpc_timeout_s or DEFAULT_SYNC_TIMEOUT_S)
 
     def wake_up(self) -> None:
         self._wait_until_serving()
         self._check_method("wake_up")
-        serving.wake_up(self._weights, self._parts.steps, self._group, self.config.rpc_timeout_s)
+        serving.wake_up(self._weights, self._parts.steps, self._group,
+                        self.config.rpc_timeout_s or DEFAULT_SYNC_TIMEOUT_S)
 
     def __enter__(self) -> RayDistributedExecutor:
         return self

@@ -86,6 +86,16 @@ class WeightState:
         if self.status not in SERVABLE:
             raise WeightSyncError(f"steps are refused: {self.detail}")
 
+    def workers_rebuilt(self) -> None:
+        """Every engine worker was built again (restart_failed_workers): they hold the
+        weights they load themselves, not a synced version."""
+        self.session = None
+        self.asleep = 0
+        if self.status != "seeded":
+            self.set("dropped", self.version,
+                     f"restart_failed_workers() rebuilt the workers, so they no longer hold "
+                     f"version {self.version!r}; call update_weights() before the next step")
+
     def set(self, status: str, version: Any, detail: str = "") -> None:
         self.status, self.version, self.detail = status, version, detail
 
