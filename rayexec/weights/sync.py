@@ -25,6 +25,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import cloudpickle
+import ray
+from ray.exceptions import RayActorError
+
 from rayexec.errors import ExecutorAsleepError, RayExecError, WeightSyncError
 from rayexec.group import WorkerGroup
 from rayexec.weights import transport
@@ -155,9 +159,6 @@ def sync_weights(state: WeightState, dst: WorkerGroup, src: WorkerGroup, *, vers
     logger.info("weight sync v%s: %d transfers, %.1f MiB in %d rounds of <= %d MiB buckets",
                 version, len(plan.transfers), plan.wire_bytes / 2**20, len(rounds),
                 bucket_bytes >> 20)
-    import cloudpickle
-    import ray
-
     payload = cloudpickle.dumps(transport.run_sync)
     refs = [a.execute_method.remote(payload, job) for a, job in zip(actors, jobs)]
     failure = _wait_all(refs, label, timeout)
@@ -192,9 +193,6 @@ def sync_weights(state: WeightState, dst: WorkerGroup, src: WorkerGroup, *, vers
 def _wait_all(refs: list[Any], labels: list[str], timeout: float) -> str | None:
     """None when every call succeeded; else what went wrong, a dead actor first (its
     death explains its peers' "connection closed"), with the labels."""
-    import ray
-    from ray.exceptions import RayActorError
-
     label_of = dict(zip(refs, labels))
     pending, deadline = list(refs), time.monotonic() + timeout
     died, failed = [], []

@@ -121,11 +121,6 @@ def _process_group(job: SyncJob, device: torch.device) -> Any:
     return pg
 
 
-def drop_group(worker: Any) -> None:
-    """Forget this process's sync group (after a failed sync)."""
-    _groups.clear()
-
-
 def _view(buf: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype,
           shape: tuple[int, ...]) -> torch.Tensor:
     raw = buf[offset:offset + nbytes]
