@@ -7,10 +7,12 @@ and runs each forward step as a compiled Ray DAG shaped PP stages x TP workers.
 
 from rayexec.config import ExecutorConfig
 from rayexec.errors import (
+    ExecutorAsleepError,
     ExecutorClosedError,
     ExecutorTimeoutError,
     PlacementError,
     RayExecError,
+    WeightSyncError,
     WorkerDiedError,
     WorkerError,
 )
@@ -19,8 +21,11 @@ from rayexec.group import WorkerGroup
 from rayexec.redistribute import Plan, Tracker, plan_broadcast, plan_gather_scatter
 from rayexec.resources import ResourceConfig
 from rayexec.transfer import execute_plan
+from rayexec.weights.plan import WeightSpec
+from rayexec.weights.sync import SyncReport
 
 __all__ = [
+    "ExecutorAsleepError",
     "ExecutorClosedError",
     "ExecutorConfig",
     "ExecutorTimeoutError",
@@ -29,7 +34,10 @@ __all__ = [
     "RayDistributedExecutor",
     "RayExecError",
     "ResourceConfig",
+    "SyncReport",
     "Tracker",
+    "WeightSpec",
+    "WeightSyncError",
     "WorkerDiedError",
     "WorkerError",
     "WorkerGroup",

@@ -8,6 +8,8 @@ Subcommands:
   generate  serve the reference decoder (rayexec.models) as PP x TP workers, greedy-
             generate, print layout, tokens/s, time to first token, step latency
   doctor    --gpu: check a GPU machine end to end in bounded time (doctor.py)
+  rl        the reference RL loop: generate -> train one step -> update_weights ->
+            generate, each round checked against a single-process model
 Each subcommand lives in a small function; heavy imports happen inside them.
 """
 
@@ -237,6 +239,44 @@ def _doctor(parser: argparse.ArgumentParser):
         from rayexec import doctor
 
         return doctor.run(args.gpus, args.out, args.dry_run, args.budget_s)
+
+    return run
+
+
+@subcommand("rl")
+def _rl(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """generate -> train -> update_weights -> generate, checked against one process"""
+    parser.add_argument("--train-dp", type=int, default=1)
+    parser.add_argument("--train-tp", type=int, default=1)
+    parser.add_argument("--serve-pp", type=int, default=1)
+    parser.add_argument("--serve-tp", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--colocate", action="store_true",
+                        help="trainer and executor on the same placement-group bundles")
+    parser.add_argument("--model", default="small", help="decoder preset (small, large) or "
+                        "'tiny' (a 4-layer model for quick checks)")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--json", metavar="PATH", help="write the per-iteration records here")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from rayexec.models.rl import TINY, run_rl
+
+        model = TINY if args.model == "tiny" else args.model
+        records = run_rl(args.train_dp, args.train_tp, args.serve_pp, args.serve_tp,
+                         args.iterations, model=model, colocate=args.colocate,
+                         num_prompts=args.prompts, max_new_tokens=args.max_new_tokens)
+        for r in records:
+            print(f"version {r['version']}: loss {r['loss']:.4f}, sync {r['sync_s'] * 1e3:.1f} "
+                  f"ms, {r['bytes'] / 2**20:.1f} MiB, identical={r['identical']} "
+                  f"(max logit diff {r['max_logit_diff']:.2e})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "iterations": records}, f, indent=1)
+            print(f"wrote {args.json}")
+        return 0 if all(r["identical"] for r in records) else 1
     return run
 
 

@@ -117,3 +117,12 @@ class ExecutorTimeoutError(RayExecError):
             ExecutorTimeoutError,
             (self.what, self.ranks, self.timeout_s, self.setting, self.stages, self.detail),
         )
+
+
+class WeightSyncError(RayExecError):
+    """A weight sync (update_weights) failed, or steps are refused because the
+    weights are not in a servable state (a failed sync, or freed by sleep(level=2))."""
+
+
+class ExecutorAsleepError(RayExecError):
+    """A step was asked of an executor put to sleep(); call wake_up() first."""

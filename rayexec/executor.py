@@ -50,6 +50,13 @@ from rayexec.monitor import DeathMonitor
 from rayexec.park import IdleTimer, Park
 from rayexec.placement import ensure_ray
 from rayexec.platform import Platform, resolve_platform
+from rayexec.weights import serving
+from rayexec.weights.sync import (
+    DEFAULT_BUCKET_BYTES,
+    DEFAULT_SYNC_TIMEOUT_S,
+    SyncReport,
+    WeightState,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +139,7 @@ class RayDistributedExecutor:
         self._serving = threading.Event()
         self._serving.set()
         self._generation = 0  # bumped per restart: stale death reports are ignored
+        self._weights = WeightState()  # version served, sleep; lock order: weights/serving.py
         self.platform: Platform | None = platform
         self.transport: str | None = None
         try:
@@ -323,6 +331,7 @@ class RayDistributedExecutor:
         self._check_usable()
         steps = self._parts.steps
         with steps.lock, unpicklable_is_clear("execute_model(batch)"):
+            self._weights.check_servable()  # not between a failed sync and its verdict
             self._step_id += 1
             step = self._step_id
             self._last_busy = time.monotonic()
@@ -546,6 +555,7 @@ class RayDistributedExecutor:
             for phase in ("init_device", "load_model"):
                 if callable(getattr(self.worker_cls, phase, None)):
                     self._group.run(phase)
+            self._weights.workers_rebuilt()  # synced weights are gone: refuse until a sync
             with self._state_lock:
                 self._dead.clear()
             self._start_monitor()
@@ -582,6 +592,40 @@ class RayDistributedExecutor:
         self._serving.set()  # wake calls waiting for a restart: they see the closing
         self._finalizer()
         atexit.unregister(self._finalizer)
+
+    # ---- weights (logic in rayexec/weights/serving.py) ----------------------------------------
+    @property
+    def weights_version(self) -> Any:
+        """The version of the weights every rank serves (None: the seeded ones)."""
+        return self._weights.version
+
+    def update_weights(self, source: WorkerGroup | RayDistributedExecutor, *,
+                       version: Any = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                       stage: bool = False, timeout: float | None = None) -> SyncReport:
+        """Move `source`'s weights into the ranks, actor to actor, resharded to this
+        executor's layout, between steps. Concurrent calls run one after another.
+        On failure raises WeightSyncError; without `stage` steps are then refused
+        until a sync succeeds, with `stage` the old version keeps serving."""
+        self._wait_until_serving()
+        src = source._group if isinstance(source, RayDistributedExecutor) else source
+        return serving.update(self._weights, self._parts.steps, self._group, src,
+                              version=version, bucket_bytes=bucket_bytes, stage=stage,
+                              timeout=timeout or self.config.rpc_timeout_s
+                              or DEFAULT_SYNC_TIMEOUT_S)
+
+    def sleep(self, level: int = 1) -> list[Any]:
+        """Level 1 frees the workers' caches, level 2 caches and weights; steps are
+        refused (ExecutorAsleepError) until wake_up()."""
+        self._wait_until_serving()
+        self._check_method("sleep")
+        return serving.sleep(self._weights, self._parts.steps, self._group, level,
+                             self.config.rpc_timeout_s or DEFAULT_SYNC_TIMEOUT_S)
+
+    def wake_up(self) -> None:
+        self._wait_until_serving()
+        self._check_method("wake_up")
+        serving.wake_up(self._weights, self._parts.steps, self._group,
+                        self.config.rpc_timeout_s or DEFAULT_SYNC_TIMEOUT_S)
 
     def __enter__(self) -> RayDistributedExecutor:
         return self

@@ -81,6 +81,12 @@ class StepQueue:
                     _settle(head, head._fetch)
                 head._fetch = None  # drop the ref: release Ray's buffers early
 
+    def drain(self) -> None:
+        """Fetch every pending step (their futures settle; errors stay in them)."""
+        with self.lock:
+            if self._pending:
+                self.fetch_through(self._pending[-1])
+
     def fail_all(self, error: BaseException) -> int:
         """Fail every pending step now (without fetching); returns how many."""
         failed = 0

@@ -426,6 +426,15 @@ class WorkerGroup:
                     dead.append(rank)
         return dead, [refs.index(r) for r in pending]
 
+    # ---- sleep (colocation) -------------------------------------------------------------
+    def sleep(self, level: int = 1) -> list[Any]:
+        """Every worker's sleep(level) (1: caches, 2: caches and weights), results in
+        rank order; for handing a shared bundle to a colocated executor."""
+        return self.run("sleep", (level,), timeout=self.config.rpc_timeout_s)
+
+    def wake_up(self) -> list[Any]:
+        return self.run("wake_up", timeout=self.config.rpc_timeout_s)
+
     # ---- shutdown -----------------------------------------------------------------------
     def kill_ranks(self, ranks: Sequence[int]) -> None:
         """Kill the actors of `ranks` now (restart replaces them)."""

@@ -114,6 +114,40 @@ class DecoderShard:
     def has_head(self) -> bool:
         return self.lm_head is not None
 
+    # ---- named weights (weight sync) ---------------------------------------------------
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """This shard's tensors by full-model name (`layers.{i}.{param}` for layers)."""
+        out = {} if self.embed is None else {"embed": self.embed}
+        for i, layer in zip(self.layers, self.stack):
+            out.update({f"layers.{i}.{p}": getattr(layer, p) for p in LAYER_PARAMS})
+        if self.has_head:
+            out.update(final_norm=self.final_norm, lm_head=self.lm_head)
+        return out
+
+    def load_named(self, named: dict[str, torch.Tensor]) -> None:
+        """Copy `named` (this shard's parts, by name) into its tensors in place."""
+        mine = self.named_weights()
+        unknown = sorted(set(named) - set(mine))
+        if unknown:
+            raise KeyError(f"this shard (layers {list(self.layers)}, tp_rank {self.tp_rank}) has "
+                           f"no weight(s) {unknown[:4]}; it holds {sorted(mine)[:4]} ...")
+        for name, value in named.items():
+            if value.shape != mine[name].shape:
+                raise ValueError(f"weight {name!r}: got shape {list(value.shape)}, this shard "
+                                 f"holds {list(mine[name].shape)}")
+            mine[name].copy_(value)
+
+    def drop_weights(self) -> None:
+        """Free every weight's storage (sleep level 2); `restore_weights` re-allocates."""
+        for t in self.named_weights().values():
+            t.set_()
+
+    def restore_weights(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Give dropped tensors storage of their shapes again (contents undefined)."""
+        for name, t in self.named_weights().items():
+            if t.numel() == 0 and shapes[name]:
+                t.set_(torch.empty(shapes[name], dtype=t.dtype, device=t.device))
+
     @torch.inference_mode()
     def forward(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Free `batch.finished`, then run this shard's layers over the batch's tokens:

@@ -94,6 +94,10 @@ class KVCache:
             self._start.pop(rid, None)
         return dropped
 
+    def clear(self) -> int:
+        """Drop every entry (sleep); returns how many were dropped."""
+        return self.free(list(self._entries))
+
     def stats(self) -> dict[str, int]:
         """{"requests", "tokens", "bytes"} held now (bytes of allocated buffers)."""
         nbytes = sum(t.numel() * t.element_size()

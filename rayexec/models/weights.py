@@ -20,6 +20,7 @@ import zlib
 import torch
 
 from rayexec.models.config import DecoderConfig
+from rayexec.weights.plan import WeightSpec
 
 # name suffix -> how a TP rank takes its part of the full tensor
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split dim 0
@@ -54,6 +55,15 @@ def full_tensor(config: DecoderConfig, seed: int, name: str) -> torch.Tensor:
     # 1/sqrt(fan_in): every layer contributes at unit scale, so each one matters to
     # the output and greedy choices are not near-ties between layouts.
     return x / math.sqrt(shape[1])
+
+
+def weight_spec(config: DecoderConfig, name: str, tp_rank: int, tp: int) -> WeightSpec:
+    """Which part of `name` TP rank `tp_rank` of `tp` holds, for weight sync."""
+    leaf = name.rsplit(".", 1)[-1]
+    shape = full_shape(config, name)
+    if tp == 1 or leaf not in COLUMN_PARALLEL + ROW_PARALLEL:
+        return WeightSpec(shape, config.dtype)
+    return WeightSpec(shape, config.dtype, 0 if leaf in COLUMN_PARALLEL else 1, tp, tp_rank)
 
 
 def tp_slice(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:

@@ -17,7 +17,10 @@ Not here: scheduling (engine.py) or the math (decoder.py).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
+import os
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -28,6 +31,8 @@ from rayexec.config import ExecutorConfig
 from rayexec.models.batch import StepBatch, StepOutput
 from rayexec.models.config import DecoderConfig
 from rayexec.models.decoder import DecoderShard
+from rayexec.models.weights import weight_spec
+from rayexec.weights.plan import WeightSpec
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,9 @@ class DecoderWorker:
         self.device = torch.device("cpu")
         self.tp_group: Any = None
         self.shard: DecoderShard | None = None
+        self.weights_version: Any = None  # set by load_weights; None: the seeded weights
+        self.asleep = 0  # 0 awake, else the sleep level
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
     # ---- phases ---------------------------------------------------------------------
     def init_device(self) -> None:
@@ -116,6 +124,65 @@ class DecoderWorker:
             return {"hidden": hidden}
         return self.shard.sample(batch, hidden) if self.shard.has_head else None
 
+    # ---- weight sync (rayexec.weights contract) ------------------------------------------------
+    def weight_layout(self) -> dict[str, WeightSpec]:
+        """What this rank needs: its stage's tensors, its TP part of each."""
+        self._check_loaded("weight_layout")
+        return {name: weight_spec(self.model, name, self.tp_rank, self.tp)
+                for name in self.shard.named_weights()}
+
+    def weight_shards(self) -> dict[str, tuple[torch.Tensor, WeightSpec]]:
+        """What this rank holds (so an executor can also be a sync's source)."""
+        layout = self.weight_layout()
+        return {name: (t, layout[name]) for name, t in self.shard.named_weights().items()}
+
+    def weight_buffers(self) -> dict[str, torch.Tensor]:
+        """The live tensors, for an unstaged sync to fill in place."""
+        self._check_loaded("weight_buffers")
+        if self.asleep == 2:
+            raise RuntimeError(f"rank {self.rank}: weight sync while asleep at level 2 "
+                               f"(weights freed); call wake_up() first")
+        return self.shard.named_weights()
+
+    def load_weights(self, named_tensors: dict[str, torch.Tensor], version: Any) -> None:
+        self._check_loaded("load_weights")
+        if self.asleep == 2:
+            raise RuntimeError(f"rank {self.rank}: load_weights while asleep at level 2 (weights "
+                               f"freed); call wake_up() first")
+        self.shard.load_named(named_tensors)
+        self.weights_version = version
+
+    def sleep(self, level: int = 1) -> dict[str, int | None]:
+        """Level 1 frees the KV cache; level 2 also frees the weights (they must be
+        synced again after wake_up). Returns the bytes freed ("cache_bytes",
+        "weight_bytes") and this process's RSS before and after ("rss_before",
+        "rss_after"; None where /proc is missing)."""
+        self._check_loaded("sleep")
+        if level not in (1, 2):
+            raise ValueError(f"sleep(level={level!r}): expected 1 (caches) or 2 (caches and "
+                             f"weights)")
+        rss_before = rss_bytes()
+        out: dict[str, int | None] = {"cache_bytes": self.shard.cache.stats()["bytes"],
+                                      "weight_bytes": 0}
+        self.shard.cache.clear()
+        if level == 2 and self.asleep < 2:
+            named = self.shard.named_weights()
+            self._shapes = {n: tuple(t.shape) for n, t in named.items()}
+            out["weight_bytes"] = sum(t.numel() * t.element_size() for t in named.values())
+            self.shard.drop_weights()
+        release_free_memory()
+        self.asleep = max(self.asleep, level)
+        return {**out, "rss_before": rss_before, "rss_after": rss_bytes()}
+
+    def wake_up(self) -> None:
+        if self.asleep == 2:
+            self.shard.restore_weights(self._shapes)
+        self.asleep = 0
+
+    def _check_loaded(self, what: str) -> None:
+        if self.shard is None:
+            raise RuntimeError(f"rank {self.rank}: {what}() before load_model()")
+
     # ---- introspection (collective_rpc) ------------------------------------------------------
     def kv_cache_stats(self) -> dict[str, int]:
         """{"requests", "tokens", "bytes"} this rank's KV cache holds now."""
@@ -130,6 +197,24 @@ class DecoderWorker:
             "embed": s is not None and s.embed is not None, "head": s is not None and s.has_head,
             "device": str(self.device),
         }
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size (Linux /proc), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps small frees in its arenas)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def decoder_executor_config(
