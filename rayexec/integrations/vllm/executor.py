@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -161,18 +163,29 @@ class _StepResult(Future):
 
     def __init__(self, step: Future) -> None:
         super().__init__()
-        self._step = step
+        self._step: Future | None = step
+        self._settling = threading.Lock()  # two threads asking settle it once
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.done() and self._settling.acquire(timeout=-1 if timeout is None else timeout):
             try:
-                packed = self._step.result(timeout)
-            except BaseException as e:
-                self.set_exception(e)
-            else:
-                self.set_result(pickle.loads(packed) if packed else None)
-            self._step = None
-        return super().result(timeout)
+                step = self._step
+                if step is not None and not self.done():
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    try:
+                        packed = step.result(left)
+                    except TimeoutError:
+                        raise  # not settled: the step stays fetchable
+                    except BaseException as e:
+                        self.set_exception(e)
+                    else:
+                        self.set_result(pickle.loads(packed) if packed else None)
+                    self._step = None
+            finally:
+                self._settling.release()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return super().result(left)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:
@@ -291,31 +304,36 @@ class RayexecExecutor(Executor):
                 return
             reported.append(error)
             logger.error("vLLM engine loses its executor: %s", error)
-            # As vLLM's mp backend does: release the workers (and a Ray this
-            # executor started) before telling the engine, whose process is
-            # terminated soon after it hears; a shutdown started later would be
-            # cut short and leave Ray's processes behind.
-            self.shutdown(graceful=False)
+            # As vLLM's mp backend does: release the workers before telling the
+            # engine, whose process is terminated soon after it hears. Ray itself is
+            # not stopped here: this runs in rayexec's death-monitor thread while the
+            # engine thread may be inside a Ray call, and ray.shutdown() under it
+            # breaks that call in Ray's own code. The engine's shutdown() (or Ray's
+            # atexit hook, on SIGTERM) stops a Ray this executor started.
+            self.shutdown(graceful=False, stop_ray=False)
             callback()
 
         self.rayexec.register_failure_callback(on_worker_death)
 
     # ---- shutdown -----------------------------------------------------------------------
-    def shutdown(self, graceful: bool = True) -> None:
+    def shutdown(self, graceful: bool = True, stop_ray: bool = True) -> None:
         """Let vLLM's workers clean up (bounded; skipped when not `graceful`), stop
-        rayexec, and stop Ray if this executor started it. Idempotent."""
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
-        if self._rayexec is not None:
-            if graceful:
-                self._shutdown_workers()
-            self._rayexec.shutdown()
-        if self._owns_ray and ray.is_initialized():
+        rayexec, and stop Ray if this executor started it (unless not `stop_ray`).
+        Idempotent: a later call still stops Ray when an earlier one did not."""
+        if not hasattr(self, "_closed"):
+            return  # _init_executor never ran
+        if not self._closed:
+            self._closed = True
+            if self._rayexec is not None:
+                if graceful:
+                    self._shutdown_workers()
+                self._rayexec.shutdown()
+        if stop_ray and self._owns_ray and ray.is_initialized():
             ray.shutdown()
 
     def _shutdown_workers(self) -> None:
-        assert self._rayexec is not None
+        if self._rayexec is None:
+            return
         try:  # vLLM's own clean-up in every worker (e.g. its process groups)
             self._rayexec.collective_rpc("shutdown", timeout=SHUTDOWN_RPC_TIMEOUT_S)
         except Exception as e:  # a dead or stuck worker: it is killed next anyway
