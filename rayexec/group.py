@@ -470,21 +470,13 @@ class WorkerGroup:
                  for i, a in enumerate(created)]
         for actor, name in zip(created, names):
             _kill(actor, name)
-        deadline = time.monotonic() + timeout_s
-        pings = {actor.ping.remote(): name for actor, name in zip(created, names)}
-        if not pings:
+        # wait_for_death never returns while the actor lives: its end means gone.
+        ends = {actor.wait_for_death.remote(): name for actor, name in zip(created, names)}
+        if not ends:
             return
-        ready, pending = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+        _, pending = ray.wait(list(ends), num_returns=len(ends), timeout=timeout_s)
         for ref in pending:
-            logger.warning("%s: worker actor still alive %gs after ray.kill", pings[ref], timeout_s)
-        for ref in ready:
-            try:
-                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-                logger.warning("%s: worker actor still answers after ray.kill", pings[ref])
-            except (RayActorError, RayTaskError):
-                pass  # gone, as wanted
-            except Exception as e:
-                logger.warning("%s: waiting for the actor to exit: %r", pings[ref], e)
+            logger.warning("%s: worker actor still alive %gs after ray.kill", ends[ref], timeout_s)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Kill the workers and remove a group we created, in at most about
