@@ -274,6 +274,8 @@ def recover(run: Run) -> None:
             run.violate("a step after recovery returned a wrong value")
             return
         except RayExecError as e:
+            if last is None or type(last) is not type(e):
+                run.note(f"recover: {e!r}"[:300])
             last = e
             time.sleep(0.5)
     run.violate(f"not serving again within {restart_bound_s() + 4 * INIT_TIMEOUT_S:.0f}s "

@@ -84,6 +84,21 @@ def test_shutdown_during_an_automatic_restart_leaks_nothing(local_ray):
     assert_no_leaks(before)
 
 
+def test_a_death_after_a_restart_with_nothing_dead_is_still_reported(local_ray, no_leaks):
+    # Found by schedule seed 2: restart_failed_workers() with every worker alive
+    # used to make every later death look like one of its own, so none was reported.
+    cfg = faults.Schedule(0, 1, "rpc", False, [], []).config()
+    with RayDistributedExecutor(cfg) as ex:
+        assert ex.restart_failed_workers() == []
+        died = threading.Event()
+        ex.register_failure_callback(lambda err: died.set())
+        os.kill(faults.worker_pids(ex)[1], signal.SIGKILL)
+        assert died.wait(60), "the death was never reported"
+        with pytest.raises(WorkerDiedError) as info:
+            ex.check_health()
+        assert info.value.ranks == [1]
+
+
 @pytest.fixture
 def two_nodes():
     if ray.is_initialized():
