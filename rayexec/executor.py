@@ -86,6 +86,7 @@ SHUTDOWN_KILL_S = 6.0  # killing the actors and removing the placement group
 # A restart replaces actors (Ray starts processes) and runs each phase within
 # init_timeout_s; callers waiting for an automatic restart wait this much more.
 RESTART_MARGIN_S = 120.0
+RESTART_ATTEMPTS = 3  # automatic restarts in a row when workers die during one
 
 
 class _Parts:
@@ -549,7 +550,18 @@ class RayDistributedExecutor:
 
     def _restart_quietly(self) -> None:
         try:
-            self.restart_failed_workers()
+            for attempt in range(1, RESTART_ATTEMPTS + 1):
+                try:
+                    self.restart_failed_workers()
+                    return
+                except WorkerDiedError as e:
+                    # Another worker died during the restart (found by fault schedules:
+                    # a second SIGKILL while the first was being replaced): that is
+                    # one more death to replace, not a reason to stop serving.
+                    if attempt == RESTART_ATTEMPTS:
+                        raise
+                    logger.warning("automatic restart attempt %d of %d: %s; trying again",
+                                   attempt, RESTART_ATTEMPTS, e)
         except ExecutorClosedError:
             logger.info("automatic restart stopped: the executor was shut down")
         except Exception:

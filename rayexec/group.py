@@ -175,13 +175,16 @@ class WorkerGroup:
         """Create the actor of worker `index` and record it at `_created[index]`,
         unless shutdown began meanwhile (then it is killed at once)."""
         actor = self._create_actor(index, bundle_index)
+        previous = None
         with self._lock:
             closed = self._closed
             if not closed:
                 if index < len(self._created):
-                    self._created[index] = actor
+                    previous, self._created[index] = self._created[index], actor
                 else:
                     self._created.append(actor)
+        if previous is not None:  # dead, or the replacement of a restart that failed
+            _kill(previous, f"worker {index} (replaced)")
         if closed:
             _kill(actor, f"worker {index} (created during shutdown)")
             raise ExecutorClosedError("the worker group was shut down while workers were "

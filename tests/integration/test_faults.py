@@ -105,11 +105,11 @@ def two_nodes():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         node_ip_address="127.0.0.9", num_cpus=2, include_dashboard=False))
-    cluster.add_node(node_ip_address="127.0.0.10", num_cpus=1)
+    second = cluster.add_node(node_ip_address="127.0.0.10", num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, _node_ip_address="127.0.0.9", logging_level="WARNING")
     try:
-        yield cluster
+        yield cluster, second
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -127,14 +127,14 @@ def test_a_lost_node_is_named_and_the_executor_comes_back_on_a_new_one(two_nodes
         seen: list[WorkerDiedError] = []
         died = threading.Event()
         ex.register_failure_callback(lambda err: (seen.append(err), died.set()))
-        lost = next(n for n in two_nodes.worker_nodes if n.address.startswith("127.0.0.10"))
-        two_nodes.remove_node(lost)
+        cluster, lost = two_nodes
+        cluster.remove_node(lost)
         assert died.wait(90), "the lost node's worker was never reported dead"
         assert seen[0].ranks == [1] and seen[0].nodes == ["127.0.0.10"]
         assert "127.0.0.10" in str(seen[0])
         # Ray reschedules the lost bundle once a node can hold it; the automatic
         # restart then puts rank 1 there and the executor serves again.
-        two_nodes.add_node(node_ip_address="127.0.0.11", num_cpus=1)
+        cluster.add_node(node_ip_address="127.0.0.11", num_cpus=1)
         out = ex.execute_model({"x": [3.0]})
         assert out["h"].tolist() == expected([3.0]).tolist()
         assert [p.node_ip for p in ex.layout] == ["127.0.0.9", "127.0.0.11"]
