@@ -69,6 +69,8 @@ INIT_TIMEOUT_S = 60.0
 # Headroom over each documented bound for a shared 2-core machine: a call past
 # bound + SLACK_S is a hang, not a slow call.
 SLACK_S = 30.0
+OP_GAP_S = 1.0  # a driver thread pauses up to this long before each call
+FAULT_WINDOW_S = 4.0  # faults land this soon after the calls begin
 
 
 class Violation(AssertionError):
@@ -93,7 +95,7 @@ class Schedule:
         for i, op in enumerate(calls):
             threads[i % n_threads].append(op)
         n_faults = rng.randint(1, 2)
-        faults = sorted((rng.uniform(0.0, 4.0), rng.choice(("sigkill", "sigstop")))
+        faults = sorted((rng.uniform(0.0, FAULT_WINDOW_S), rng.choice(("sigkill", "sigstop")))
                         for _ in range(n_faults))
         return cls(seed, rng.choice((1, 2)), rng.choice(("dag", "dag", "rpc")),
                    rng.random() < 0.5, threads, faults)
@@ -296,6 +298,8 @@ def run_schedule(schedule: Schedule) -> dict[str, Any]:
         def driver(ops: list[str], index: int) -> None:
             own = random.Random(schedule.seed * 31 + index)
             for op in ops:
+                # Spread the calls over the window in which the faults land.
+                time.sleep(own.uniform(0.0, OP_GAP_S))
                 do(run, op, own)
 
         def faults() -> None:

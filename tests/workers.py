@@ -178,3 +178,12 @@ class StuckWorker(RecordingWorker):
         if batch.get("stuck_rank") == self.rank:
             time.sleep(3600)
         return super().execute_model(batch, intermediate)
+
+
+class HangingLoadWorker(RecordingWorker):
+    """load_model never returns on rank 1 (a stuck download, a deadlocked init)."""
+
+    def load_model(self):
+        if self.rank == 1:
+            time.sleep(3600)
+        super().load_model()

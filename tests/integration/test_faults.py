@@ -20,7 +20,7 @@ from ray.cluster_utils import Cluster
 from benchmarks import faults
 from rayexec import ExecutorConfig, ExecutorTimeoutError, RayDistributedExecutor, WorkerDiedError
 from tests.helpers import assert_no_leaks, cluster_snapshot, live_actors
-from tests.workers import RecordingWorker, expected
+from tests.workers import HangingLoadWorker, RecordingWorker, expected
 
 # CI budget: schedules are drawn from consecutive seeds until this much time went
 # by (each takes ~20-60 s here); the seeds run are printed.
@@ -97,6 +97,15 @@ def test_a_death_after_a_restart_with_nothing_dead_is_still_reported(local_ray, 
         with pytest.raises(WorkerDiedError) as info:
             ex.check_health()
         assert info.value.ranks == [1]
+
+
+def test_a_hung_start_up_phase_names_rank_phase_and_setting(local_ray, no_leaks):
+    cfg = faults.Schedule(0, 1, "rpc", False, [], []).config().replace(
+        worker_cls=HangingLoadWorker, init_timeout_s=3.0)
+    with pytest.raises(ExecutorTimeoutError) as info:
+        RayDistributedExecutor(cfg)  # shuts down what it started before raising
+    assert info.value.ranks == [1] and info.value.timeout_s == 3.0
+    assert "load_model" in str(info.value) and "ExecutorConfig.init_timeout_s" in str(info.value)
 
 
 @pytest.fixture
