@@ -71,6 +71,7 @@ INIT_TIMEOUT_S = 60.0
 SLACK_S = 30.0
 OP_GAP_S = 1.0  # a driver thread pauses up to this long before each call
 FAULT_WINDOW_S = 4.0  # faults land this soon after the calls begin
+SIGSTOP_MAX_S = 9.0
 
 
 class Violation(AssertionError):
@@ -238,7 +239,8 @@ def do(run: Run, op: str, rng: random.Random) -> None:
 
 
 def inject(run: Run, kind: str, rng: random.Random) -> None:
-    """SIGKILL one worker, or SIGSTOP one and SIGCONT it 1-4 s later."""
+    """SIGKILL one worker, or SIGSTOP one and SIGCONT it 1 to SIGSTOP_MAX_S s later
+    (past the step and rpc timeouts in some schedules)."""
     try:
         pids = worker_pids(run.ex)
     except Exception as e:  # shut down, or mid-restart: nothing to hit now
@@ -253,7 +255,7 @@ def inject(run: Run, kind: str, rng: random.Random) -> None:
             return
         os.kill(pid, signal.SIGSTOP)
         run.stopped[pid] = time.monotonic()
-        time.sleep(rng.uniform(1.0, 4.0))
+        time.sleep(rng.uniform(1.0, SIGSTOP_MAX_S))
         os.kill(pid, signal.SIGCONT)
         run.stopped.pop(pid, None)
     except ProcessLookupError:
