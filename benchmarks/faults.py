@@ -391,9 +391,28 @@ def measure_shutdown_with_frozen_rank(tp: int = 1) -> dict[str, float]:
             "shutdown_after_frozen_s": round(time.monotonic() - start, 2)}
 
 
+def measure_shutdown_with_hung_step(tp: int = 1) -> dict[str, float]:
+    """shutdown() while a step hangs inside a worker (a 120 s sleep, past nothing)."""
+    cfg = Schedule(0, tp, "dag", False, [], []).config().replace(execute_timeout_s=300.0)
+    ex = RayDistributedExecutor(cfg)
+    ex.warmup()
+    ex.execute_model({"x": [1.0]})
+    future = ex.execute_model({"x": [1.0], "sleep": 120.0}, non_block=True)
+    fetcher = threading.Thread(target=future.exception, name="faults-fetch", daemon=True)
+    fetcher.start()  # a thread blocked fetching the hung step, holding the steps lock
+    time.sleep(1.0)
+    start = time.monotonic()
+    ex.shutdown()
+    took = time.monotonic() - start
+    fetcher.join(SHUTDOWN_TIMEOUT_S)
+    return {"shutdown_with_hung_step_s": round(took, 2),
+            "hung_fetch_released": not fetcher.is_alive()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=5.0, help="run schedules this long")
+    parser.add_argument("--minutes", type=float, default=5.0,
+                        help="run schedules this long (0: only the measured bounds)")
     parser.add_argument("--seed", type=int, default=None, help="run this one schedule")
     parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--ops", type=int, default=10, help="operations per schedule")
@@ -408,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records = []
         deadline = time.monotonic() + args.minutes * 60
         seed = args.seed if args.seed is not None else args.first_seed
-        while True:
+        while args.minutes > 0 or args.seed is not None:
             record = run_schedule(Schedule.draw(seed, args.ops))
             records.append(record)
             print(f"seed {seed}: {len(record['violations'])} violation(s) "
@@ -419,7 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.seed is not None or time.monotonic() > deadline:
                 break
         measured = {} if args.no_measure else {**measure_death_and_restart(),
-                                               **measure_shutdown_with_frozen_rank()}
+                                               **measure_shutdown_with_frozen_rank(),
+                                               **measure_shutdown_with_hung_step()}
     finally:
         if own_ray:
             ray.shutdown()
