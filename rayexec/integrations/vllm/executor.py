@@ -32,6 +32,7 @@ the last stage's first worker's output or more ranks than PP x TP.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import threading
@@ -56,6 +57,9 @@ from rayexec.integrations.vllm.worker import VllmWorker
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_RPC_TIMEOUT_S = 2.0  # vLLM gives its engine process 5 s after SIGTERM
+# After a worker death: how long the failure callback waits for the engine's
+# threads to leave Ray before it stops Ray (it never stops Ray under them).
+RAY_STOP_WAIT_S = 3.0
 
 
 def _done(value: Any) -> Future:
@@ -161,9 +165,10 @@ class _StepResult(Future):
     """The output of one step. rayexec fetches steps lazily, in order, when a result
     is asked for; this future asks on `result()` and unpickles the worker's bytes."""
 
-    def __init__(self, step: Future) -> None:
+    def __init__(self, step: Future, in_ray: Callable[[], Any] = contextlib.nullcontext) -> None:
         super().__init__()
         self._step: Future | None = step
+        self._in_ray = in_ray  # marks the engine's thread as inside a Ray call
         self._settling = threading.Lock()  # two threads asking settle it once
 
     def result(self, timeout: float | None = None) -> Any:
@@ -174,7 +179,8 @@ class _StepResult(Future):
                 if step is not None and not self.done():
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
                     try:
-                        packed = step.result(left)
+                        with self._in_ray():
+                            packed = step.result(left)
                     except TimeoutError:
                         raise  # not settled: the step stays fetchable
                     except BaseException as e:
@@ -213,6 +219,8 @@ class RayexecExecutor(Executor):
         self._rayexec: RayDistributedExecutor | None = None
         self._closed = False
         self._scheduled = None  # a scheduler output waiting for sample_tokens()
+        self._ray_calls = 0  # engine threads inside a Ray call (see _in_ray)
+        self._ray_calls_done = threading.Condition()
         check_supported(self.vllm_config)
         # Ray started (or joined) here is shut down with the executor; a Ray the
         # caller had already initialised is left alone.
@@ -255,8 +263,9 @@ class RayexecExecutor(Executor):
         if not isinstance(method, str):
             method = _on_vllm_worker(method)
         try:
-            result = self.rayexec.collective_rpc(method, args=args, kwargs=kwargs,
-                                                 timeout=timeout, non_block=non_block)
+            with self._in_ray():
+                result = self.rayexec.collective_rpc(method, args=args, kwargs=kwargs,
+                                                     timeout=timeout, non_block=non_block)
         except ExecutorTimeoutError as e:
             raise _as_timeout(e) from e
         return _RpcResult(result) if non_block else result
@@ -286,8 +295,9 @@ class RayexecExecutor(Executor):
         # Pickled once here; Ray's channels move bytes cheaper than objects, and
         # later pipeline stages forward the same bytes instead of re-serializing.
         batch = pickle.dumps((scheduler_output, grammar_output), protocol=pickle.HIGHEST_PROTOCOL)
-        step = self.rayexec.execute_model(batch, non_block=True)
-        result = _StepResult(step)
+        with self._in_ray():
+            step = self.rayexec.execute_model(batch, non_block=True)
+        result = _StepResult(step, self._in_ray)
         return result if non_block else result.result()
 
     # ---- health and failure ---------------------------------------------------------------
@@ -311,6 +321,11 @@ class RayexecExecutor(Executor):
             # breaks that call in Ray's own code. The engine's shutdown() (or Ray's
             # atexit hook, on SIGTERM) stops a Ray this executor started.
             self.shutdown(graceful=False, stop_ray=False)
+            # The workers are gone now, so an engine call still inside Ray returns
+            # (with an error) at once, and new ones raise before reaching Ray; once
+            # none is inside, Ray can stop (vLLM may kill this process soon after
+            # it hears, which would leave Ray's processes behind).
+            self._stop_ray_when_no_call(RAY_STOP_WAIT_S)
             callback()
 
         self.rayexec.register_failure_callback(on_worker_death)
@@ -330,6 +345,33 @@ class RayexecExecutor(Executor):
                 self._rayexec.shutdown()
         if stop_ray and self._owns_ray and ray.is_initialized():
             ray.shutdown()
+
+    @contextlib.contextmanager
+    def _in_ray(self) -> Any:
+        """Marks an engine thread as inside a Ray call (rayexec's executor)."""
+        with self._ray_calls_done:
+            self._ray_calls += 1
+        try:
+            yield
+        finally:
+            with self._ray_calls_done:
+                self._ray_calls -= 1
+                self._ray_calls_done.notify_all()
+
+    def _stop_ray_when_no_call(self, timeout_s: float) -> None:
+        """Stop a Ray this executor started once no engine thread is inside a Ray
+        call (ray.shutdown under a running call breaks it inside Ray's own code);
+        after `timeout_s` leave it to shutdown() or Ray's exit hook, with a warning."""
+        if not (self._owns_ray and ray.is_initialized()):
+            return
+        with self._ray_calls_done:
+            idle = self._ray_calls_done.wait_for(lambda: self._ray_calls == 0, timeout_s)
+        if idle:
+            ray.shutdown()
+        else:
+            logger.warning("an engine thread is still inside a Ray call %gs after the workers "
+                           "were released (RAY_STOP_WAIT_S); Ray is stopped by shutdown() or "
+                           "at exit instead", timeout_s)
 
     def _shutdown_workers(self) -> None:
         if self._rayexec is None:
