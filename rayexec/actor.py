@@ -68,14 +68,27 @@ def to_device(value: Any, device: Any) -> Any:
     return value
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
 def _pin_process(cores: tuple[int, ...]) -> None:
     # sched_setaffinity(0) pins only the calling thread; Ray already runs several
     # threads (one per concurrency group, the DAG loop), so pin each of them.
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), cores)
-        except OSError:
+        except ProcessLookupError:
             pass  # a thread that ended between listdir and the call
+        except OSError as e:  # e.g. cores outside this container's cpuset
+            # Pinning only helps speed: the worker runs unpinned, but say so.
+            logger.warning("pinning thread %s to cores %s failed: %s; it runs unpinned. "
+                           "Set cpu_bind=False, or give the workers cores they may use",
+                           tid, list(cores), e)
 
 
 def is_local_address(ip: str) -> bool:
@@ -128,7 +141,7 @@ class RankActor:
         return {
             "node_id": ctx.get_node_id(), "node_ip": ip,
             "ray_node_ip": ray.util.get_node_ip_address(), "ip_is_local": is_local_address(ip),
-            "device_ids": [str(i) for i in ids], "node_cpus": os.cpu_count() or 1,
+            "device_ids": [str(i) for i in ids], "node_cpus": _usable_cpus(),
         }
 
     def find_free_port(self) -> int:

@@ -69,6 +69,10 @@ class ExecutorConfig:
     order. Default: the first world_size bundles."""
     pg_ready_timeout_s: float = 60.0
     """Seconds to wait for the placement group before PlacementError."""
+    init_timeout_s: float = 600.0
+    """Seconds each start-up phase may take on every rank (setting the workers'
+    environments, init_worker, init_device, load_model; also during a restart)
+    before ExecutorTimeoutError naming the phase and the ranks still in it."""
     execute_timeout_s: float = 300.0
     """Seconds one forward step may take (the compiled graph's get timeout)."""
     max_step_bytes: int = 16 << 20
@@ -219,7 +223,8 @@ def _validate(c: ExecutorConfig) -> None:
               "give either an existing placement_group or a name for a new one, not both")
     _validate_bundle_indices(c.bundle_indices, c.world_size)
 
-    for name in ("pg_ready_timeout_s", "execute_timeout_s", "health_check_timeout_s"):
+    for name in ("pg_ready_timeout_s", "init_timeout_s", "execute_timeout_s",
+                 "health_check_timeout_s"):
         value = getattr(c, name)
         if not _is_number(value) or value <= 0:
             _fail(name, value, "expected a number of seconds > 0")

@@ -198,8 +198,20 @@ class ForwardDag:
             return False
         return True
 
+    def kill_proxy(self) -> None:
+        """Kill Ray's driver-side proxy actor of this graph (DAGDriverProxyActor).
+        Ray never kills it itself; it dies with the last handle, which a teardown
+        still blocked in Ray keeps alive, so a timed-out teardown would leak it."""
+        proxy = getattr(self.compiled, "_proxy_actor", None)
+        if proxy is None:
+            return
+        try:
+            ray.kill(proxy, no_restart=True)
+        except Exception as e:
+            logger.warning("killing the compiled graph's proxy actor failed: %r", e)
+
     def _teardown(self) -> None:
         try:
             self.compiled.teardown()
         except Exception as e:  # a dead actor makes teardown raise; it is still over
-            logger.debug("compiled DAG teardown: %s", e)
+            logger.warning("compiled DAG teardown raised (a worker is gone): %r", e)

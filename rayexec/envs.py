@@ -57,6 +57,7 @@ CONFIG_VARS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "RAYEXEC_PLACEMENT_GROUP_NAME": ("placement_group_name", str, "a name"),
     "RAYEXEC_BUNDLE_INDICES": ("bundle_indices", _ints, 'comma-separated integers, "0,2,4,6"'),
     "RAYEXEC_PG_READY_TIMEOUT_S": ("pg_ready_timeout_s", float, "seconds"),
+    "RAYEXEC_INIT_TIMEOUT_S": ("init_timeout_s", float, "seconds"),
     "RAYEXEC_EXECUTE_TIMEOUT_S": ("execute_timeout_s", float, "seconds"),
     "RAYEXEC_MAX_STEP_BYTES": ("max_step_bytes", int, "bytes"),
     "RAYEXEC_RPC_TIMEOUT_S": ("rpc_timeout_s", _optional_float, "seconds or none"),

@@ -13,6 +13,27 @@ Any failure on the way shuts down what was started and re-raises.
 Steps go through the compiled DAG (forward="dag", compiled on first use or by
 warmup()) or through chained plain Ray calls (forward="rpc"); both return the last
 stage's first TP rank's output, and non-blocking steps resolve in submission order.
+
+Locks, always taken in this order and never the other way round:
+  1. lifecycle lock (`_lifecycle_lock`, RLock): held by a restart for the whole
+     replacement. shutdown() waits for it only briefly (SHUTDOWN_RESTART_WAIT_S):
+     a restart stuck in a Ray call must not hold shutdown past its bound; the
+     restart notices the closing at its next step (closed flag; the group refuses
+     new actors) and everything it made is released.
+  2. steps lock (`_parts.steps.lock`, RLock): held while a step is submitted to or
+     fetched from the graph, while the DAG is built, parked or woken, and by a
+     restart while it tears the old DAG down and replaces actors.
+  3. state lock (`_parts.state_lock`, Lock): `_closed`, `_dead`, `_generation`,
+     the park state and the monitor/timer handles. Never held across a Ray call.
+  4. leaf locks: StepQueue's deque lock, WorkerGroup's list lock.
+`_serving` (an Event) is not a lock: it is waited on with a bound and never with a
+lock held. Shutdown takes no lock but the state lock (and 1, briefly), so it never
+waits behind a step being fetched: it tears the DAG down (bounded), kills the
+actors, which ends any fetch, then fails the steps still pending.
+
+Bounds: each start-up phase init_timeout_s; a step execute_timeout_s; waiting
+for an automatic restart init_timeout_s + RESTART_MARGIN_S; shutdown() about
+SHUTDOWN_TIMEOUT_S in all, with a worker hung in a step, frozen or dead.
 """
 
 from __future__ import annotations
@@ -63,6 +84,16 @@ logger = logging.getLogger(__name__)
 FailureCallback = Callable[[WorkerDiedError], None]
 DAG_TEARDOWN_TIMEOUT_S = 5.0
 PROGRESS_TIMEOUT_S = 2.0
+# shutdown(): the whole bound and its parts (they add up to under the whole).
+SHUTDOWN_TIMEOUT_S = 15.0
+SHUTDOWN_RESTART_WAIT_S = 1.0  # for a running restart to reach a checkpoint
+SHUTDOWN_WAKE_S = 1.5  # parked workers' park steps read back
+SHUTDOWN_TEARDOWN_S = 4.0  # the compiled graph's teardown before the actors are killed
+SHUTDOWN_KILL_S = 6.0  # killing the actors and removing the placement group
+# A restart replaces actors (Ray starts processes) and runs each phase within
+# init_timeout_s; callers waiting for an automatic restart wait this much more.
+RESTART_MARGIN_S = 120.0
+RESTART_ATTEMPTS = 3  # automatic restarts in a row when workers die during one
 
 
 class _Parts:
@@ -75,41 +106,58 @@ class _Parts:
         self.monitor: DeathMonitor | None = None
         self.pool: ThreadPoolExecutor | None = None
         self.idle_timer: IdleTimer | None = None
+        self.restart_thread: threading.Thread | None = None
         self.parked = 0  # the park id the workers sleep in (park.py); 0: not parked
         self.park_refs: list[Any] = []  # the park steps' outputs, unread
         self.steps = StepQueue()
+        self.state_lock = threading.Lock()  # lock 3 of the executor module docstring
+        self.closed = False
 
     def wake(self, timeout_s: float) -> None:
         """End the workers' park, if any, and read the park steps' outputs (so that
         Ray never waits for them on its own). A worker that died meanwhile makes the
         read fail fast; that death is reported by the monitor and the next step."""
-        if not self.parked:
+        with self.state_lock:  # taken over here, so two wakes never read one ref
+            parked, refs = self.parked, self.park_refs
+            self.parked, self.park_refs = 0, []
+        if not parked:
             return
         if self.group is not None:
-            for actor in self.group.actors:
-                actor.wake.remote(self.parked)
-        self.parked = 0
+            for rank, actor in enumerate(self.group.actors):
+                try:
+                    actor.wake.remote(parked)
+                except Exception as e:
+                    logger.warning("rank %d: waking it from park %d failed: %r", rank, parked, e)
         deadline = time.monotonic() + timeout_s
-        refs, self.park_refs = self.park_refs, []
         for ref in refs:
             try:
                 ref.get(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception as e:
-                logger.debug("reading a park step's output: %r", e)
+            except Exception as e:  # a dead or frozen worker; reported elsewhere
+                logger.warning("reading a park step's output (park %d): %r", parked, e)
 
     def release(self) -> None:
-        if self.monitor is not None:
-            self.monitor.stop()
-        if self.idle_timer is not None:
-            self.idle_timer.stop()
-        self.wake(DAG_TEARDOWN_TIMEOUT_S)  # parked workers would hold the teardown
+        """Stop timers -> wake (bounded) -> tear down the DAG (bounded) -> kill the
+        actors and remove our placement group (bounded) -> fail and forget the steps.
+        Takes no steps lock: a thread blocked fetching a step must not hold this
+        up; killing the actors ends its fetch."""
+        with self.state_lock:
+            self.closed = True
+            monitor, timer, dag = self.monitor, self.idle_timer, self.dag
+            self.dag = None
+        if timer is not None:
+            timer.stop()
+        if monitor is not None:
+            monitor.stop()
+        self.wake(SHUTDOWN_WAKE_S)  # parked workers would hold the teardown
+        if dag is not None:
+            dag.teardown(SHUTDOWN_TEARDOWN_S)
+        if self.group is not None:
+            # Kills the actors, which also frees a stuck teardown and ends fetches.
+            self.group.shutdown(SHUTDOWN_KILL_S)
+        if dag is not None:
+            dag.kill_proxy()
         self.steps.fail_all(ExecutorClosedError("the executor was shut down"))
         self.steps.clear()
-        if self.dag is not None:
-            self.dag.teardown(DAG_TEARDOWN_TIMEOUT_S)
-            self.dag = None
-        if self.group is not None:
-            self.group.shutdown()  # kills the actors, which also frees a stuck teardown
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -125,15 +173,14 @@ class RayDistributedExecutor:
         self.config = config
         self._parts = _Parts()
         self._finalizer = weakref.finalize(self, self._parts.release)
-        self._closed = False
         self._step_id = 0
         self._park_id = 0
         self._last_busy = time.monotonic()  # when the idle timer last saw a step
         self._callbacks: list[FailureCallback] = []
         self._dead: dict[int, str] = {}  # rank -> node IP
-        self._state_lock = threading.Lock()
-        # Held while workers are being replaced.
-        self._restart_lock = threading.RLock()
+        self._state_lock = self._parts.state_lock  # lock 3 (module docstring)
+        # Lock 1: held while workers are being replaced.
+        self._lifecycle_lock = threading.RLock()
         # Cleared from the moment a death is seen (with restart_on_failure) until the
         # replacement is done: calls wait on it instead of failing in between.
         self._serving = threading.Event()
@@ -170,10 +217,17 @@ class RayDistributedExecutor:
             self.transport = self._resolve_transport(group)
         logger.info("Ray: %s; device %s; forward %s%s", how, self.platform.name, c.forward,
                     f" over {self.transport}" if self.transport else "")
+        self._init_phases()
+        self._start_monitor()
+
+    def _init_phases(self) -> None:
         for phase in ("init_device", "load_model"):
             if callable(getattr(self.worker_cls, phase, None)):
-                group.run(phase)
-        self._start_monitor()
+                self._group.run_phase(phase)
+
+    @property
+    def _closed(self) -> bool:
+        return self._parts.closed
 
     def _resolve_transport(self, group: WorkerGroup) -> str:
         c = self.config
@@ -184,8 +238,8 @@ class RayDistributedExecutor:
         if c.channel in ("auto", "nccl") and whole_gpus and c.manage_visibility:
             # cupy drives Ray's NCCL channels inside the workers: ask them, not the driver.
             refs = [a.probe_module.remote("cupy") for a in group.actors]
-            errors = group._wait(refs, c.rpc_timeout_s, "checking cupy on the workers",
-                                 "rpc_timeout_s")
+            errors = group._wait(refs, c.init_timeout_s, "checking cupy on the workers",
+                                 "init_timeout_s")
             no_cupy = {rank: e for rank, e in enumerate(errors) if e is not None}
         return resolve_transport(c.channel, whole_gpus, c.manage_visibility, no_cupy)
 
@@ -193,12 +247,17 @@ class RayDistributedExecutor:
         # A weak method: the monitor thread must not keep the executor alive, or
         # weakref.finalize could never run.
         on_death = weakref.WeakMethod(self._on_death)
-        generation = self._generation
-        self._parts.monitor = DeathMonitor(
+        with self._state_lock:
+            generation = self._generation
+        monitor = DeathMonitor(
             self._group.actors,
             lambda ranks, errors: (on_death() or _ignore)(ranks, errors, generation),
         )
-        self._parts.monitor.start()
+        with self._state_lock:  # shutdown stops what it finds here; after it, nothing starts
+            if self._parts.closed:
+                raise ExecutorClosedError("the executor was shut down during a restart")
+            self._parts.monitor = monitor
+            monitor.start()
 
     def warmup(self) -> None:
         """Compile the forward DAG now rather than on the first step."""
@@ -208,21 +267,32 @@ class RayDistributedExecutor:
                 self._ensure_dag()
 
     def _ensure_dag(self) -> ForwardDag:
-        if self._parts.dag is None:
-            grid = self._group.topology.grid(self._group.actors)
-            # CPU edges carry wire frames (bytes: Ray's cheapest channel path); tensors
-            # on accelerators, and the gloo channel's, keep the edge's tensor transport.
-            frames = self.transport == "shm" and not self.platform.is_accelerator
-            self._parts.dag = ForwardDag(grid, self._edge_transport(), self.config.overlap_comm,
-                                         submit_timeout_s=self.config.execute_timeout_s,
-                                         frames=frames,
-                                         buffer_size_bytes=self.config.max_step_bytes)
-            timer = self._parts.idle_timer
-            if self.config.idle_park_s is not None and (timer is None or not timer.is_alive()):
-                park_if_idle = weakref.WeakMethod(self._park_if_idle)
-                self._parts.idle_timer = IdleTimer(lambda: (park_if_idle() or _none)())
-                self._parts.idle_timer.start()
-        return self._parts.dag
+        """The DAG, compiled if needed. Called with the steps lock held."""
+        dag = self._parts.dag
+        if dag is not None:
+            return dag
+        grid = self._group.topology.grid(self._group.actors)
+        # CPU edges carry wire frames (bytes: Ray's cheapest channel path); tensors on
+        # accelerators, and the gloo channel's, keep the edge's tensor transport.
+        frames = self.transport == "shm" and not self.platform.is_accelerator
+        dag = ForwardDag(grid, self._edge_transport(), self.config.overlap_comm,
+                         submit_timeout_s=self.config.execute_timeout_s, frames=frames,
+                         buffer_size_bytes=self.config.max_step_bytes)
+        with self._state_lock:
+            closed = self._parts.closed
+            if not closed:
+                self._parts.dag = dag
+                timer = self._parts.idle_timer
+                if self.config.idle_park_s is not None and (timer is None
+                                                            or not timer.is_alive()):
+                    park_if_idle = weakref.WeakMethod(self._park_if_idle)
+                    self._parts.idle_timer = IdleTimer(lambda: (park_if_idle() or _none)())
+                    self._parts.idle_timer.start()
+        if closed:  # shutdown ran while this graph compiled: it never saw it
+            dag.teardown(SHUTDOWN_TEARDOWN_S)
+            dag.kill_proxy()
+            raise ExecutorClosedError("the executor was shut down while the DAG compiled")
+        return dag
 
     def _edge_transport(self) -> Any:
         """What the DAG's edges take: the transport's name, or for gloo a
@@ -296,9 +366,12 @@ class RayDistributedExecutor:
                                    "collective_rpc(timeout=) / rpc_timeout_s", labels=ranks)
         if not non_block:
             return wait()
-        if self._parts.pool is None:
-            self._parts.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rayexec-rpc")
-        return self._parts.pool.submit(wait)
+        with self._state_lock:  # two first non-blocking calls must not make two pools
+            self._check_open()
+            if self._parts.pool is None:
+                self._parts.pool = ThreadPoolExecutor(max_workers=4,
+                                                      thread_name_prefix="rayexec-rpc")
+            return self._parts.pool.submit(wait)
 
     def _check_method(self, name: str) -> None:
         cls = self.worker_cls
@@ -331,6 +404,7 @@ class RayDistributedExecutor:
         self._check_usable()
         steps = self._parts.steps
         with steps.lock, unpicklable_is_clear("execute_model(batch)"):
+            self._check_open()  # a shutdown or restart may have run while we waited
             self._weights.check_servable()  # not between a failed sync and its verdict
             self._step_id += 1
             step = self._step_id
@@ -370,17 +444,19 @@ class RayDistributedExecutor:
             if wait > 0:
                 return wait
             self._park_id += 1
+            refs: list[Any] = []
             try:
                 for index in range(self.config.pipeline_parallel_size):
-                    park = Park(self._park_id, index)
-                    self._parts.park_refs.extend(dag.execute(self._step_id, park))
+                    refs.extend(dag.execute(self._step_id, Park(self._park_id, index)))
             except (RayChannelError, RayChannelTimeoutError) as e:
                 # A worker died and Ray closed the graph; the death is reported by
                 # the monitor, and a restart builds a new graph (and parks it).
-                logger.debug("not parking: %r", e)
+                logger.warning("not parking the idle workers (park %d): %r", self._park_id, e)
                 self._last_busy = time.monotonic()
-            if self._parts.park_refs:  # also a partial park: woken and read as usual
-                self._parts.parked = self._park_id
+            if refs:  # also a partial park: woken and read as usual
+                with self._state_lock:
+                    self._parts.park_refs.extend(refs)
+                    self._parts.parked = self._park_id
                 logger.debug("idle for %gs: parked the workers (park %d)", idle_s,
                              self._park_id)
             return idle_s
@@ -491,7 +567,7 @@ class RayDistributedExecutor:
     def _on_death(self, ranks: list[int], errors: list[BaseException], generation: int) -> None:
         group = self._group
         with self._state_lock:
-            if generation != self._generation or self._closed:
+            if generation != self._generation or self._parts.closed:
                 return  # a worker we replaced or killed on purpose
             if self.config.restart_on_failure:
                 self._serving.clear()
@@ -507,12 +583,31 @@ class RayDistributedExecutor:
             except Exception:
                 logger.exception("failure callback %r raised", callback)
         if self.config.restart_on_failure:
-            threading.Thread(target=self._restart_quietly, name="rayexec-restart",
-                             daemon=True).start()
+            thread = threading.Thread(target=self._restart_quietly, name="rayexec-restart",
+                                      daemon=True)
+            with self._state_lock:  # shutdown joins what it finds here
+                if self._parts.closed:
+                    self._serving.set()
+                    return
+                self._parts.restart_thread = thread
+                thread.start()
 
     def _restart_quietly(self) -> None:
         try:
-            self.restart_failed_workers()
+            for attempt in range(1, RESTART_ATTEMPTS + 1):
+                try:
+                    self.restart_failed_workers()
+                    return
+                except WorkerDiedError as e:
+                    # Another worker died during the restart (found by fault schedules:
+                    # a second SIGKILL while the first was being replaced): that is
+                    # one more death to replace, not a reason to stop serving.
+                    if attempt == RESTART_ATTEMPTS:
+                        raise
+                    logger.warning("automatic restart attempt %d of %d: %s; trying again",
+                                   attempt, RESTART_ATTEMPTS, e)
+        except ExecutorClosedError:
+            logger.info("automatic restart stopped: the executor was shut down")
         except Exception:
             logger.exception("automatic restart (restart_on_failure=True) failed")
         finally:
@@ -523,58 +618,81 @@ class RayDistributedExecutor:
         engine worker (init_worker, init_device, load_model) with a fresh rendezvous
         (so torch.distributed groups are rebuilt) and the compiled DAG. Steps in
         flight fail with WorkerDiedError. Returns the ranks whose actors were replaced
-        (empty when every worker is alive)."""
+        (empty when every worker is alive). Each phase is bounded by init_timeout_s;
+        a shutdown() meanwhile ends it with ExecutorClosedError."""
         self._check_open()
-        with self._restart_lock:
+        with self._lifecycle_lock:
+            self._check_open()
             dead, _ = self._group.ping(self.config.health_check_timeout_s)
             with self._state_lock:
                 dead = sorted(set(dead) | set(self._dead))
+                if not dead:
+                    # The generation stays: the running monitor's death reports must
+                    # still count (found by fault schedule seed 2: a restart with
+                    # nothing dead made every later death look stale, unreported).
+                    return []
                 self._generation += 1  # from here on, deaths are ours
-            if not dead:
-                return []
+                monitor, self._parts.monitor = self._parts.monitor, None
             logger.warning("replacing the workers of rank(s) %s", dead)
-            if self._parts.monitor is not None:
-                self._parts.monitor.stop()
-            self._parts.wake(DAG_TEARDOWN_TIMEOUT_S)  # parked survivors would hold the teardown
+            if monitor is not None:
+                monitor.stop()
             steps = self._parts.steps
+            # Fail the steps first: a thread fetching one under the steps lock then
+            # returns (its fetch fails fast on the dead rank, or at execute_timeout_s).
             steps.fail_all(WorkerDiedError(dead, [self._group.node_ip(r) for r in dead],
                                            "replaced by restart_failed_workers()"))
-            steps.clear()
-            replace, replace_all = set(dead), False
-            dag = self._parts.dag
-            if dag is not None and not dag.teardown(DAG_TEARDOWN_TIMEOUT_S):
-                # Survivors caught mid-step (e.g. in a collective with the dead rank)
-                # block the teardown: replace them too, which releases it.
-                mid_step = self._ranks_mid_step() - replace
-                logger.warning("rank(s) %s were mid-step; replacing them too", sorted(mid_step))
-                replace |= mid_step
-                self._group.kill_ranks(sorted(mid_step))
-                replace_all = not dag.teardown(DAG_TEARDOWN_TIMEOUT_S)
-            self._parts.dag = None
-            replaced = self._group.restart(sorted(replace), replace_all=replace_all)
-            for phase in ("init_device", "load_model"):
-                if callable(getattr(self.worker_cls, phase, None)):
-                    self._group.run(phase)
-            self._weights.workers_rebuilt()  # synced weights are gone: refuse until a sync
-            with self._state_lock:
-                self._dead.clear()
-            self._start_monitor()
+            with steps.lock:  # no step, park or DAG build over actors being replaced
+                self._check_open()
+                steps.clear()
+                self._parts.wake(DAG_TEARDOWN_TIMEOUT_S)  # parked survivors hold teardown
+                replace, replace_all = set(dead), False
+                with self._state_lock:
+                    dag, self._parts.dag = self._parts.dag, None
+                if dag is not None and not dag.teardown(DAG_TEARDOWN_TIMEOUT_S):
+                    # Survivors caught mid-step (e.g. in a collective with the dead rank)
+                    # block the teardown: replace them too, which releases it.
+                    mid_step = self._ranks_mid_step() - replace
+                    logger.warning("rank(s) %s were mid-step; replacing them too",
+                                   sorted(mid_step))
+                    replace |= mid_step
+                    self._group.kill_ranks(sorted(mid_step))
+                    replace_all = not dag.teardown(DAG_TEARDOWN_TIMEOUT_S)
+                if dag is not None:
+                    dag.kill_proxy()
+                self._check_open()
+                replaced = self._group.restart(sorted(replace), replace_all=replace_all)
+                self._check_open()
+                self._init_phases()
+                self._weights.workers_rebuilt()  # synced weights are gone: refuse until a sync
+                with self._state_lock:
+                    self._dead.clear()
+                self._start_monitor()
             logger.warning("replaced rank(s) %s; the executor serves again", replaced)
             return replaced
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def _check_open(self) -> None:
-        if self._closed:
+        if self._parts.closed:
             raise ExecutorClosedError(
                 "this RayDistributedExecutor was shut down; create a new one to run more work"
             )
 
+    def _restart_bound_s(self) -> float:
+        return self.config.init_timeout_s + RESTART_MARGIN_S
+
     def _wait_until_serving(self) -> None:
-        """Wait out a restart in progress, then raise if the executor is closed."""
-        self._serving.wait()  # an automatic restart
+        """Wait out a restart in progress (bounded), then raise if the executor is closed."""
+        bound = self._restart_bound_s()
+        setting = f"ExecutorConfig.init_timeout_s (plus {RESTART_MARGIN_S:g}s)"
+        if not self._serving.wait(bound):  # an automatic restart
+            raise ExecutorTimeoutError("waiting for the automatic restart "
+                                       "(restart_on_failure=True)", [], bound, setting)
         self._check_open()
-        with self._restart_lock:  # a manual restart
-            pass
+        if not self._lifecycle_lock.acquire(timeout=bound):  # a manual restart
+            raise ExecutorTimeoutError("waiting for restart_failed_workers()", [], bound,
+                                       setting)
+        self._lifecycle_lock.release()
+        self._check_open()
 
     def _check_usable(self) -> None:
         self._wait_until_serving()
@@ -585,13 +703,30 @@ class RayDistributedExecutor:
 
     def shutdown(self) -> None:
         """Tear down the DAG (bounded), kill the workers, remove a placement group we
-        created. Idempotent; safe after a partial start."""
-        if self._closed:
-            return
-        self._closed = True
+        created and wait (bounded) until Ray reports it removed. Idempotent; safe
+        after a partial start, during a restart, with a worker hung in a step,
+        frozen (SIGSTOP) or dead; returns within about SHUTDOWN_TIMEOUT_S (15 s)."""
+        start = time.monotonic()
+        with self._state_lock:
+            if self._parts.closed and not self._finalizer.alive:
+                return
+        # Give a running restart a moment to reach a checkpoint; it is safe without
+        # (module docstring), so the wait is short.
+        got = self._lifecycle_lock.acquire(timeout=SHUTDOWN_RESTART_WAIT_S)
+        try:
+            self._finalizer()  # _Parts.release: sets closed first
+        finally:
+            if got:
+                self._lifecycle_lock.release()
         self._serving.set()  # wake calls waiting for a restart: they see the closing
-        self._finalizer()
         atexit.unregister(self._finalizer)
+        thread = self._parts.restart_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, SHUTDOWN_TIMEOUT_S - (time.monotonic() - start)))
+            if thread.is_alive():
+                logger.warning("the automatic restart thread was still running %gs after "
+                               "shutdown() began; everything it had started is released",
+                               SHUTDOWN_TIMEOUT_S)
 
     # ---- weights (logic in rayexec/weights/serving.py) ----------------------------------------
     @property

@@ -10,6 +10,12 @@ Start-up, in order:
 `run` / `run_async` call a method on all (or some) ranks; results come back in rank
 order, worker exceptions as `WorkerError`, dead actors as `WorkerDiedError`.
 `shutdown` kills the actors, waits for them to exit and removes a group we created.
+
+Concurrency: `shutdown` may run while another thread is inside `restart` (the
+executor's shutdown does not wait out a restart that is stuck in a Ray call).
+`_lock` (a leaf lock, held only around list updates, never across a Ray call)
+guards `_created` and `_closed`: an actor created after shutdown began is killed
+at once and the restart fails with ExecutorClosedError, so nothing outlives it.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cloudpickle
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayexec import envs, layout
@@ -36,7 +43,13 @@ from rayexec.cluster import driver_node_ip
 from rayexec.config import ExecutorConfig
 from rayexec.contract import import_worker_cls, load_worker_cls
 from rayexec.diagnosis import cpu_oversubscription
-from rayexec.errors import ExecutorTimeoutError, PlacementError, WorkerDiedError, WorkerError
+from rayexec.errors import (
+    ExecutorClosedError,
+    ExecutorTimeoutError,
+    PlacementError,
+    WorkerDiedError,
+    WorkerError,
+)
 from rayexec.placement import (
     Placement,
     acquire_placement,
@@ -159,6 +172,8 @@ class WorkerGroup:
         self.actors: list[ActorHandle] = []  # rank order once started
         self.plans: list[layout.RankPlan] = []
         self._created: list[ActorHandle] = []  # creation order, for cleanup
+        self._lock = threading.Lock()  # guards _created and _closed (module docstring)
+        self._closed = False
         self.actor_rank: dict[str, int] = {}  # actor id hex -> rank
         self.driver_ip = config.host_ip or envs.node_host_ip() or driver_node_ip()
         if not is_local_address(self.driver_ip):
@@ -171,16 +186,36 @@ class WorkerGroup:
     # ---- start-up ---------------------------------------------------------------------
     def start(self) -> None:
         """Steps 1-4 of the module docstring. On failure the caller calls shutdown()."""
-        self._created = [self._create_actor(i, b) for i, b in
-                         enumerate(self.placement.bundle_indices)]
+        for i, b in enumerate(self.placement.bundle_indices):
+            self._add_actor(i, b)
         self._configure()
+
+    def _add_actor(self, index: int, bundle_index: int) -> None:
+        """Create the actor of worker `index` and record it at `_created[index]`,
+        unless shutdown began meanwhile (then it is killed at once)."""
+        actor = self._create_actor(index, bundle_index)
+        previous = None
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                if index < len(self._created):
+                    previous, self._created[index] = self._created[index], actor
+                else:
+                    self._created.append(actor)
+        if previous is not None:  # dead, or the replacement of a restart that failed
+            _kill(previous, f"worker {index} (replaced)")
+        if closed:
+            _kill(actor, f"worker {index} (created during shutdown)")
+            raise ExecutorClosedError("the worker group was shut down while workers were "
+                                      "being started")
 
     def _configure(self, keep_order: list[int] | None = None) -> None:
         """Steps 2-4 over the actors in `_created`. `keep_order` (worker indices in
         rank order) makes sure replacements take the ranks of the workers they replace."""
+        created = self._live_created()
         infos = self._wait(
             [a.get_node_and_device_ids.remote(self.platform.resource_key)
-             for a in self._created],
+             for a in created],
             self.config.pg_ready_timeout_s + ACTOR_START_S, "starting the worker actors",
             f"pg_ready_timeout_s (plus {ACTOR_START_S:g}s allowed for process start)",
         )
@@ -201,7 +236,9 @@ class WorkerGroup:
                 f"replacement workers landed on other devices than the ones they replace "
                 f"(worker order {order}, expected {keep_order}); create a new executor"
             )
-        master_port = ray.get(self._created[order[0]].find_free_port.remote())
+        master_port = self._wait([created[order[0]].find_free_port.remote()],
+                                 self.config.init_timeout_s, "finding a free port",
+                                 "ExecutorConfig.init_timeout_s")[0]
         self.plans = layout.plan_ranks(
             self.topology, self.platform, self.driver_ip, workers, master_port,
             env_vars=self.config.env_vars, driver_env=envs.driver_environ(),
@@ -210,7 +247,10 @@ class WorkerGroup:
             cpu_bind=self.config.cpu_bind, host_ip=self.config.host_ip,
             set_visibility=self.config.manage_visibility,
         )
-        self.actors = [self._created[p.worker_index] for p in self.plans]
+        with self._lock:
+            if self._closed:
+                raise ExecutorClosedError("the worker group was shut down during start-up")
+            self.actors = [created[p.worker_index] for p in self.plans]
         self.actor_rank = {a._actor_id.hex(): r for r, a in enumerate(self.actors)}
         logger.info("rank layout:\n%s", layout.format_layout(self.plans, self.platform))
         if keep_order is None and not self.platform.is_accelerator:
@@ -218,7 +258,8 @@ class WorkerGroup:
 
         self._wait([a.update_environment_variables.remote(dict(p.env))
                     for a, p in zip(self.actors, self.plans)],
-                   None, "setting worker environments", "rpc_timeout_s")
+                   self.config.init_timeout_s, "setting worker environments",
+                   "ExecutorConfig.init_timeout_s")
         init_method = f"tcp://{_url_host(self.plans[0].node_ip)}:{master_port}"
         self._wait(
             [
@@ -233,8 +274,20 @@ class WorkerGroup:
                 )
                 for a, p in zip(self.actors, self.plans)
             ],
-            None, "init_worker", "rpc_timeout_s",
+            self.config.init_timeout_s, "init_worker", "ExecutorConfig.init_timeout_s",
         )
+
+    def _live_created(self) -> list[ActorHandle]:
+        with self._lock:
+            if self._closed:
+                raise ExecutorClosedError("the worker group was shut down during start-up")
+            return list(self._created)
+
+    def run_phase(self, phase: str) -> None:
+        """A start-up phase (init_device, load_model) on every rank, bounded by
+        init_timeout_s."""
+        self.run(phase, timeout=self.config.init_timeout_s,
+                 setting="ExecutorConfig.init_timeout_s")
 
     def restart(self, ranks: Sequence[int], replace_all: bool = False) -> list[int]:
         """Replace the workers of `ranks` (dead or stuck) with new actors on the same
@@ -242,9 +295,11 @@ class WorkerGroup:
         torch.distributed state) and build every engine worker again with a fresh
         rendezvous. A survivor that cannot be reset in time is replaced too.
         Returns the ranks whose actors were replaced."""
-        replace = set(range(len(self.actors))) if replace_all else set(ranks)
-        survivors = [r for r in range(len(self.actors)) if r not in replace]
-        refs = {r: self.actors[r].reset_worker.remote() for r in survivors}
+        self._live_created()  # raises once shut down
+        actors = list(self.actors)
+        replace = set(range(len(actors))) if replace_all else set(ranks)
+        survivors = [r for r in range(len(actors)) if r not in replace]
+        refs = {r: actors[r].reset_worker.remote() for r in survivors}
         if refs:
             ready, _ = ray.wait(list(refs.values()), num_returns=len(refs),
                                 timeout=RESET_TIMEOUT_S)
@@ -257,10 +312,11 @@ class WorkerGroup:
                     logger.warning("rank %d could not be reset (%s); replacing it", rank, e)
                     replace.add(rank)
         old_order = [p.worker_index for p in self.plans]
-        self.kill_ranks(sorted(replace))
+        for rank in sorted(replace):
+            _kill(actors[rank], f"rank {rank}")
         for rank in sorted(replace):
             index = self.plans[rank].worker_index
-            self._created[index] = self._create_actor(index, self.placement.bundle_indices[index])
+            self._add_actor(index, self.placement.bundle_indices[index])
         self._configure(keep_order=old_order)
         return sorted(replace)
     def device_index(self, plan: layout.RankPlan) -> int | None:
@@ -327,22 +383,26 @@ class WorkerGroup:
         ranks: Sequence[int] | None = None,
     ) -> list[ray.ObjectRef]:
         kwargs = kwargs or {}
-        ranks = range(len(self.actors)) if ranks is None else ranks
+        actors = self.actors
+        if not actors:
+            raise ExecutorClosedError("the workers were shut down; create a new executor")
+        ranks = range(len(actors)) if ranks is None else ranks
         # Ray pickles arguments as each call is submitted, so an unpicklable value
         # fails on the first rank, before anything runs anywhere.
         with unpicklable_is_clear(f"collective_rpc({method_name(method)!r})"):
             payload = method if isinstance(method, str) else cloudpickle.dumps(method)
-            return [self.actors[r].execute_method.remote(payload, *args, **kwargs)
+            return [actors[r].execute_method.remote(payload, *args, **kwargs)
                     for r in ranks]
 
     def run(
         self, method: Method, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
         ranks: Sequence[int] | None = None, timeout: float | None = None,
+        setting: str = "timeout / rpc_timeout_s",
     ) -> list[Any]:
         ranks = list(range(len(self.actors)) if ranks is None else ranks)
         refs = self.run_async(method, args, kwargs, ranks)
         return self._wait(refs, timeout, f"collective_rpc({method_name(method)!r})",
-                          "timeout / rpc_timeout_s", labels=ranks)
+                          setting, labels=ranks)
 
     def _wait(
         self, refs: list[ray.ObjectRef], timeout: float | None, what: str, setting: str,
@@ -401,6 +461,8 @@ class WorkerGroup:
         or None when the worker did not answer within `timeout`. Answered from the
         workers' "control" concurrency group, so a stuck step does not block it."""
         refs = [a.get_progress.remote() for a in self.actors]
+        if not refs:  # shut down meanwhile
+            return []
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         out: list[tuple[int, int, float] | str | None] = []
         for ref in refs:
@@ -416,6 +478,8 @@ class WorkerGroup:
     def ping(self, timeout: float) -> tuple[list[int], list[int]]:
         """(dead ranks, ranks that did not answer within `timeout`)."""
         refs = [a.ping.remote() for a in self.actors]
+        if not refs:  # shut down meanwhile
+            return [], []
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         dead = []
         for rank, ref in enumerate(refs):
@@ -439,32 +503,40 @@ class WorkerGroup:
     def kill_ranks(self, ranks: Sequence[int]) -> None:
         """Kill the actors of `ranks` now (restart replaces them)."""
         for rank in ranks:
-            try:
-                ray.kill(self.actors[rank], no_restart=True)
-            except Exception as e:
-                logger.debug("killing rank %d: %s", rank, e)
+            _kill(self.actors[rank], f"rank {rank}")
 
     def kill(self, timeout_s: float = 10.0) -> None:
         """Kill every actor we created and wait (bounded) until Ray reports them gone."""
-        for actor in self._created:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception as e:
-                logger.debug("ray.kill failed: %s", e)
-        deadline = time.monotonic() + timeout_s
-        for actor in self._created:
-            try:
-                ray.get(actor.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
-            except (RayActorError, RayTaskError):
-                pass  # gone, as wanted
-            except GetTimeoutError:
-                logger.warning("worker actor %s still alive %gs after ray.kill",
-                               actor._actor_id.hex(), timeout_s)
-            except Exception as e:
-                logger.debug("waiting for actor exit: %s", e)
+        with self._lock:
+            created = list(self._created)
+        rank_of = {id(a): r for r, a in enumerate(self.actors)}
+        names = [f"rank {rank_of[id(a)]}" if id(a) in rank_of else f"worker {i}"
+                 for i, a in enumerate(created)]
+        for actor, name in zip(created, names):
+            _kill(actor, name)
+        # wait_for_death never returns while the actor lives: its end means gone.
+        ends = {actor.wait_for_death.remote(): name for actor, name in zip(created, names)}
+        if not ends:
+            return
+        _, pending = ray.wait(list(ends), num_returns=len(ends), timeout=timeout_s)
+        for ref in pending:
+            logger.warning("%s: worker actor still alive %gs after ray.kill", ends[ref], timeout_s)
 
-    def shutdown(self) -> None:
-        self.kill()
-        self._created = []
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Kill the workers and remove a group we created, in at most about
+        `timeout_s` (half for the workers to exit, half for the group's removal)."""
+        with self._lock:
+            self._closed = True
+        deadline = time.monotonic() + timeout_s
+        self.kill(timeout_s / 2)
+        with self._lock:
+            self._created = []
         self.actors = []
-        remove_group(self.placement)
+        remove_group(self.placement, max(0.5, deadline - time.monotonic()))
+
+
+def _kill(actor: ActorHandle, name: str) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception as e:  # Ray gone, or an actor already dead
+        logger.warning("%s: ray.kill failed: %r", name, e)

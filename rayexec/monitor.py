@@ -45,9 +45,16 @@ class DeathMonitor(threading.Thread):
                 ready, _ = ray.wait(refs, num_returns=1, timeout=self._poll_s)
                 if ready:  # collect every death that is already known, not just one
                     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            except Exception as e:  # Ray shut down underneath us
-                logger.debug("death monitor stops: %s", e)
-                return
+            except Exception as e:
+                if not ray.is_initialized():  # Ray shut down underneath us: nothing to watch
+                    logger.warning("death monitor stops: Ray was shut down (%r)", e)
+                    return
+                # A passing failure (e.g. the GCS briefly unreachable): keep watching,
+                # or a later death would go unnoticed.
+                logger.warning("death monitor: ray.wait failed (%r); still watching ranks %s",
+                               e, sorted(set(self._refs.values())))
+                self._stopping.wait(self._poll_s)
+                continue
             if not ready or self._stopping.is_set():
                 continue
             ranks, errors = [], []

@@ -73,7 +73,7 @@ def ensure_ray(config: ExecutorConfig) -> str:
                 f"is right, or unset RAY_ADDRESS to start a local Ray."
             ) from e
         return f"joined {address}"
-    num_cpus = embedded_cpus(config, os.cpu_count() or 1)
+    num_cpus = embedded_cpus(config, usable_cpus())
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     except ValueError as e:
@@ -105,6 +105,15 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
             f"status` there) and the address and port are right, or unset RAY_ADDRESS to start "
             f"a local Ray."
         ) from None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container or taskset
+    limits it), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
 
 
 def embedded_cpus(config: ExecutorConfig, physical_cpus: int) -> int:
@@ -250,5 +259,5 @@ def remove_group(placement: Placement, timeout_s: float = 10.0) -> None:
                                placement.group.id.hex()[:12], timeout_s)
                 return
             time.sleep(0.05)
-    except Exception as e:  # Ray already gone: nothing is reserved anymore
-        logger.debug("removing placement group failed: %s", e)
+    except Exception as e:  # e.g. Ray already gone (then nothing is reserved anymore)
+        logger.warning("removing placement group %s failed: %r", placement.group.id.hex()[:12], e)

@@ -103,7 +103,12 @@ def execute_plan(target: Any, plan: Plan, tracker: Tracker, timeout: float | Non
                 f"group was initialised with another rank order. Initialise it with the rank "
                 f"rayexec gives the worker (the rank kwarg, or RANK in its environment)")
         expected = sorted((repr(i) for _, dst, i in plan.moves() if dst == rank))
-        assert sorted(repr(i) for i in received) == expected, (rank, received, expected)
+        got = sorted(repr(i) for i in received)
+        if got != expected:
+            raise RuntimeError(
+                f"rank {rank} received pieces {got} but the plan sends it {expected}: the "
+                f"workers ran different plans (execute_plan must get the same plan on every "
+                f"rank; rebuild it with plan_redistribution and retry)")
     tracker.apply_plan(plan)
 
 

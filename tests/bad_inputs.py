@@ -57,6 +57,9 @@ class Context:
     def executor(self) -> RayDistributedExecutor:
         if self._executor is None:
             self._executor = RayDistributedExecutor(config(pipeline_parallel_size=2))
+            # Its compiled graph (and the graph's proxy actor and idle timer) exists
+            # from here on, before any row's leak-check snapshot.
+            self._executor.warmup()
         return self._executor
 
     def close(self) -> None:

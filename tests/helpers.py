@@ -1,20 +1,50 @@
 """Helpers for tests: leak checks through Ray's GCS tables (the ray.util.state API
-needs the dashboard, which ray[cgraph] does not install) and polling."""
+needs the dashboard, which ray[cgraph] does not install) and polling.
+
+What a finished executor must not leave behind (`assert_no_leaks`):
+- a RankActor (rayexec's worker actor) or a DAGDriverProxyActor (the driver-side
+  actor of a Ray compiled graph) that is not DEAD;
+- a placement group that is not REMOVED;
+- a thread of this process whose name starts with "rayexec-";
+- a /dev/shm entry that names the pid of one of rayexec's worker processes
+  (torch / gloo / vLLM segments and semaphores carry the creator's pid), created
+  during the test.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+
+LEAKY_ACTOR_CLASSES = ("RankActor", "CompiledDAG.DAGDriverProxyActor")
+SHM_DIR = "/dev/shm"
+
+
+def _actors() -> dict:
+    from ray._private import state
+
+    return state.actors()
+
+
+def live_actors(classes: tuple[str, ...] = LEAKY_ACTOR_CLASSES) -> set[str]:
+    """Ids of actors of `classes` (Ray's class names) that are not DEAD."""
+    return {actor_id for actor_id, a in _actors().items()
+            if a["ActorClassName"] in classes and a["State"] != "DEAD"}
 
 
 def live_worker_actors() -> set[str]:
     """Ids of RankActor actors that are not DEAD."""
-    from ray._private import state
+    return live_actors(("RankActor",))
 
-    return {
-        actor_id for actor_id, a in state.actors().items()
-        if a["ActorClassName"] == "RankActor" and a["State"] != "DEAD"
-    }
+
+def worker_pids() -> set[int]:
+    """Pids of every RankActor Ray knows of, dead or alive."""
+    return {int(a["Pid"]) for a in _actors().values()
+            if a["ActorClassName"] == "RankActor" and a.get("Pid")}
 
 
 def live_placement_groups() -> set[str]:
@@ -24,8 +54,32 @@ def live_placement_groups() -> set[str]:
             if pg["state"] != "REMOVED"}
 
 
-def cluster_snapshot() -> tuple[set[str], set[str]]:
-    return live_worker_actors(), live_placement_groups()
+def rayexec_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("rayexec-") and t.is_alive()}
+
+
+def shm_entries() -> set[str]:
+    try:
+        return set(os.listdir(SHM_DIR))
+    except OSError:
+        return set()
+
+
+def shm_of(pids: set[int], names: set[str]) -> set[str]:
+    """The names among `names` that carry one of `pids` as a number of their own."""
+    return {n for n in names if pids & {int(x) for x in re.findall(r"\d+", n)}}
+
+
+@dataclass
+class Snapshot:
+    actors: set[str] = field(default_factory=set)
+    groups: set[str] = field(default_factory=set)
+    threads: set[threading.Thread] = field(default_factory=set)
+    shm: set[str] = field(default_factory=set)
+
+
+def cluster_snapshot() -> Snapshot:
+    return Snapshot(live_actors(), live_placement_groups(), rayexec_threads(), shm_entries())
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
@@ -37,9 +91,26 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
     return predicate()
 
 
-def assert_no_leaks(before: tuple[set[str], set[str]] = (set(), set())) -> None:
-    """No worker actor and no placement group beyond those in `before` survive."""
-    ok = wait_until(lambda: live_worker_actors() <= before[0]
-                    and live_placement_groups() <= before[1], timeout_s=15)
-    actors, groups = live_worker_actors() - before[0], live_placement_groups() - before[1]
-    assert ok, f"leaked worker actors {sorted(actors)} and placement groups {sorted(groups)}"
+def leaks(before: Snapshot) -> dict[str, list[str]]:
+    """What exists now that did not before (empty lists: nothing leaked)."""
+    new_shm = shm_entries() - before.shm
+    return {
+        "actors": sorted(live_actors() - before.actors),
+        "placement groups": sorted(live_placement_groups() - before.groups),
+        "threads": sorted(t.name for t in rayexec_threads() - before.threads),
+        "/dev/shm": sorted(shm_of(worker_pids(), new_shm)),
+    }
+
+
+def assert_no_leaks(before: Snapshot | None = None, timeout_s: float = 15.0) -> None:
+    """Nothing of §"what a finished executor must not leave" beyond `before`
+    survives, within `timeout_s` (Ray reports deaths and removals asynchronously)."""
+    before = before or Snapshot()
+    found: dict[str, list[str]] = {}
+
+    def clean() -> bool:
+        nonlocal found
+        found = leaks(before)
+        return not any(found.values())
+
+    assert wait_until(clean, timeout_s), f"leaked: { {k: v for k, v in found.items() if v} }"

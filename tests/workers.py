@@ -243,3 +243,12 @@ class CudaDeviceWorker(DeviceWorker):
         # Made on the current device: wrong when rayexec did not set it.
         t = torch.full((1024,), float(batch), device="cuda")
         return {"t": t, "ranks": [*ranks, self.rank]}
+
+
+class HangingLoadWorker(RecordingWorker):
+    """load_model never returns on rank 1 (a stuck download, a deadlocked init)."""
+
+    def load_model(self):
+        if self.rank == 1:
+            time.sleep(3600)
+        super().load_model()

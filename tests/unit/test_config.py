@@ -29,6 +29,7 @@ def cfg(**kw):
     ("num_cpus_per_worker", -1, ">= 0"),
     ("memory_per_worker", 1.5, "bytes > 0"),
     ("pg_ready_timeout_s", 0, "seconds > 0"),
+    ("init_timeout_s", 0, "seconds > 0"),
     ("execute_timeout_s", -5, "seconds > 0"),
     ("rpc_timeout_s", "10", "seconds > 0"),
     ("idle_park_s", 0, "None or a number of seconds > 0"),
@@ -125,6 +126,7 @@ def test_env_values_that_do_not_parse_name_the_variable():
 
 def test_timeout_from_env_is_a_number():
     assert config_overrides({"RAYEXEC_PG_READY_TIMEOUT_S": "2.5"}) == {"pg_ready_timeout_s": 2.5}
+    assert config_overrides({"RAYEXEC_INIT_TIMEOUT_S": "30"}) == {"init_timeout_s": 30.0}
     assert config_overrides({"RAYEXEC_IDLE_PARK_S": "none"}) == {"idle_park_s": None}
     assert config_overrides({"RAYEXEC_IDLE_PARK_S": "0.5"}) == {"idle_park_s": 0.5}
 

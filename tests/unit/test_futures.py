@@ -58,3 +58,52 @@ def test_fail_all_from_another_thread_while_the_caller_waits():
     with pytest.raises(RuntimeError, match="died"):
         f1.result()
     timer.join()
+
+
+def test_result_with_a_timeout_returns_in_time_while_the_fetch_is_blocked():
+    q = StepQueue()
+    release = threading.Event()
+    f0 = q.submit(lambda: release.wait(10) and "slow")
+    with pytest.raises(TimeoutError):
+        f0.result(timeout=0.2)  # the fetch is blocked; the caller is not
+    assert not f0.done()
+    release.set()
+    assert f0.result(timeout=10) == "slow"  # the same step, fetched once
+
+
+def test_concurrent_futures_wait_and_as_completed_drive_the_fetch():
+    import concurrent.futures as cf
+
+    q = StepQueue()
+    futures = [q.submit(lambda i=i: i) for i in range(3)]
+    done, not_done = cf.wait(futures, timeout=10)
+    assert len(done) == 3 and not not_done
+    more = [q.submit(lambda i=i: i + 10) for i in range(3)]
+    assert sorted(f.result() for f in cf.as_completed(more, timeout=10)) == [10, 11, 12]
+
+
+def test_asyncio_wrap_future_resolves_a_step():
+    import asyncio
+
+    q = StepQueue()
+    f0, f1 = q.submit(lambda: "a"), q.submit(lambda: "b")
+
+    async def main():
+        return await asyncio.wrap_future(f1), await asyncio.wrap_future(f0)
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == ("b", "a")
+
+
+def test_two_threads_fetching_get_each_step_once_in_order():
+    fetched = []
+    q = StepQueue()
+    futures = [q.submit(lambda i=i: fetched.append(i) or i) for i in range(50)]
+    results: list = [None, None]
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(
+        k, [f.result() for f in futures[k::2]])) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert fetched == list(range(50))
+    assert results == [list(range(0, 50, 2)), list(range(1, 50, 2))]

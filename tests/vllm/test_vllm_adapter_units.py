@@ -221,3 +221,28 @@ def test_the_throughput_benchmark_pairs_turns_within_engine_sets_and_resamples_t
     assert split_rounds(10, 3) == [4, 3, 3]
     assert split_rounds(2, 5) == [1, 1]  # never an engine set without rounds
     assert split_rounds(4, 0) == [4]
+
+
+@pytest.mark.vllm
+def test_a_step_result_read_from_two_threads_is_settled_once():
+    import threading
+
+    from rayexec.futures import StepQueue
+    from rayexec.integrations.vllm.executor import _StepResult
+
+    fetches = []
+    release = threading.Event()
+    queue = StepQueue()
+    step = queue.submit(lambda: (fetches.append(1), release.wait(10))[1] and pickle.dumps(7))
+    result = _StepResult(step)
+    with pytest.raises(TimeoutError):
+        result.result(timeout=0.1)  # not settled: still fetchable
+    outs = []
+    threads = [threading.Thread(target=lambda: outs.append(result.result(timeout=10)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert outs == [7, 7] and fetches == [1]

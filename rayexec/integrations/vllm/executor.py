@@ -32,8 +32,11 @@ the last stage's first worker's output or more ranks than PP x TP.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -54,6 +57,9 @@ from rayexec.integrations.vllm.worker import VllmWorker
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_RPC_TIMEOUT_S = 2.0  # vLLM gives its engine process 5 s after SIGTERM
+# After a worker death: how long the failure callback waits for the engine's
+# threads to leave Ray before it stops Ray (it never stops Ray under them).
+RAY_STOP_WAIT_S = 3.0
 
 
 def _done(value: Any) -> Future:
@@ -159,20 +165,33 @@ class _StepResult(Future):
     """The output of one step. rayexec fetches steps lazily, in order, when a result
     is asked for; this future asks on `result()` and unpickles the worker's bytes."""
 
-    def __init__(self, step: Future) -> None:
+    def __init__(self, step: Future, in_ray: Callable[[], Any] = contextlib.nullcontext) -> None:
         super().__init__()
-        self._step = step
+        self._step: Future | None = step
+        self._in_ray = in_ray  # marks the engine's thread as inside a Ray call
+        self._settling = threading.Lock()  # two threads asking settle it once
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.done() and self._settling.acquire(timeout=-1 if timeout is None else timeout):
             try:
-                packed = self._step.result(timeout)
-            except BaseException as e:
-                self.set_exception(e)
-            else:
-                self.set_result(pickle.loads(packed) if packed else None)
-            self._step = None
-        return super().result(timeout)
+                step = self._step
+                if step is not None and not self.done():
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    try:
+                        with self._in_ray():
+                            packed = step.result(left)
+                    except TimeoutError:
+                        raise  # not settled: the step stays fetchable
+                    except BaseException as e:
+                        self.set_exception(e)
+                    else:
+                        self.set_result(pickle.loads(packed) if packed else None)
+                    self._step = None
+            finally:
+                self._settling.release()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return super().result(left)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:
@@ -200,6 +219,8 @@ class RayexecExecutor(Executor):
         self._rayexec: RayDistributedExecutor | None = None
         self._closed = False
         self._scheduled = None  # a scheduler output waiting for sample_tokens()
+        self._ray_calls = 0  # engine threads inside a Ray call (see _in_ray)
+        self._ray_calls_done = threading.Condition()
         check_supported(self.vllm_config)
         # Ray started (or joined) here is shut down with the executor; a Ray the
         # caller had already initialised is left alone.
@@ -242,8 +263,9 @@ class RayexecExecutor(Executor):
         if not isinstance(method, str):
             method = _on_vllm_worker(method)
         try:
-            result = self.rayexec.collective_rpc(method, args=args, kwargs=kwargs,
-                                                 timeout=timeout, non_block=non_block)
+            with self._in_ray():
+                result = self.rayexec.collective_rpc(method, args=args, kwargs=kwargs,
+                                                     timeout=timeout, non_block=non_block)
         except ExecutorTimeoutError as e:
             raise _as_timeout(e) from e
         return _RpcResult(result) if non_block else result
@@ -273,8 +295,9 @@ class RayexecExecutor(Executor):
         # Pickled once here; Ray's channels move bytes cheaper than objects, and
         # later pipeline stages forward the same bytes instead of re-serializing.
         batch = pickle.dumps((scheduler_output, grammar_output), protocol=pickle.HIGHEST_PROTOCOL)
-        step = self.rayexec.execute_model(batch, non_block=True)
-        result = _StepResult(step)
+        with self._in_ray():
+            step = self.rayexec.execute_model(batch, non_block=True)
+        result = _StepResult(step, self._in_ray)
         return result if non_block else result.result()
 
     # ---- health and failure ---------------------------------------------------------------
@@ -291,31 +314,68 @@ class RayexecExecutor(Executor):
                 return
             reported.append(error)
             logger.error("vLLM engine loses its executor: %s", error)
-            # As vLLM's mp backend does: release the workers (and a Ray this
-            # executor started) before telling the engine, whose process is
-            # terminated soon after it hears; a shutdown started later would be
-            # cut short and leave Ray's processes behind.
-            self.shutdown(graceful=False)
+            # As vLLM's mp backend does: release the workers before telling the
+            # engine, whose process is terminated soon after it hears. Ray itself is
+            # not stopped here: this runs in rayexec's death-monitor thread while the
+            # engine thread may be inside a Ray call, and ray.shutdown() under it
+            # breaks that call in Ray's own code. The engine's shutdown() (or Ray's
+            # atexit hook, on SIGTERM) stops a Ray this executor started.
+            self.shutdown(graceful=False, stop_ray=False)
+            # The workers are gone now, so an engine call still inside Ray returns
+            # (with an error) at once, and new ones raise before reaching Ray; once
+            # none is inside, Ray can stop (vLLM may kill this process soon after
+            # it hears, which would leave Ray's processes behind).
+            self._stop_ray_when_no_call(RAY_STOP_WAIT_S)
             callback()
 
         self.rayexec.register_failure_callback(on_worker_death)
 
     # ---- shutdown -----------------------------------------------------------------------
-    def shutdown(self, graceful: bool = True) -> None:
+    def shutdown(self, graceful: bool = True, stop_ray: bool = True) -> None:
         """Let vLLM's workers clean up (bounded; skipped when not `graceful`), stop
-        rayexec, and stop Ray if this executor started it. Idempotent."""
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
-        if self._rayexec is not None:
-            if graceful:
-                self._shutdown_workers()
-            self._rayexec.shutdown()
-        if self._owns_ray and ray.is_initialized():
+        rayexec, and stop Ray if this executor started it (unless not `stop_ray`).
+        Idempotent: a later call still stops Ray when an earlier one did not."""
+        if not hasattr(self, "_closed"):
+            return  # _init_executor never ran
+        if not self._closed:
+            self._closed = True
+            if self._rayexec is not None:
+                if graceful:
+                    self._shutdown_workers()
+                self._rayexec.shutdown()
+        if stop_ray and self._owns_ray and ray.is_initialized():
             ray.shutdown()
 
+    @contextlib.contextmanager
+    def _in_ray(self) -> Any:
+        """Marks an engine thread as inside a Ray call (rayexec's executor)."""
+        with self._ray_calls_done:
+            self._ray_calls += 1
+        try:
+            yield
+        finally:
+            with self._ray_calls_done:
+                self._ray_calls -= 1
+                self._ray_calls_done.notify_all()
+
+    def _stop_ray_when_no_call(self, timeout_s: float) -> None:
+        """Stop a Ray this executor started once no engine thread is inside a Ray
+        call (ray.shutdown under a running call breaks it inside Ray's own code);
+        after `timeout_s` leave it to shutdown() or Ray's exit hook, with a warning."""
+        if not (self._owns_ray and ray.is_initialized()):
+            return
+        with self._ray_calls_done:
+            idle = self._ray_calls_done.wait_for(lambda: self._ray_calls == 0, timeout_s)
+        if idle:
+            ray.shutdown()
+        else:
+            logger.warning("an engine thread is still inside a Ray call %gs after the workers "
+                           "were released (RAY_STOP_WAIT_S); Ray is stopped by shutdown() or "
+                           "at exit instead", timeout_s)
+
     def _shutdown_workers(self) -> None:
-        assert self._rayexec is not None
+        if self._rayexec is None:
+            return
         try:  # vLLM's own clean-up in every worker (e.g. its process groups)
             self._rayexec.collective_rpc("shutdown", timeout=SHUTDOWN_RPC_TIMEOUT_S)
         except Exception as e:  # a dead or stuck worker: it is killed next anyway
