@@ -436,13 +436,23 @@ class RayDistributedExecutor:
             return idle_s
         try:
             dag = self._parts.dag
-            if (len(steps) or dag is None or self._parts.parked or self._dead
+            if (dag is None or self._parts.parked or self._dead
                     or self._closed or not self._serving.is_set()):
                 self._last_busy = time.monotonic()
                 return idle_s
             wait = self._last_busy + idle_s - time.monotonic()
             if wait > 0:
                 return wait
+            if len(steps):
+                # Steps submitted idle_park_s ago and never read: vLLM's in-process
+                # engine leaves its last (empty) PP batch unread until its next
+                # request. Once every rank finished them, read them here (their
+                # futures keep the results, in order) so the workers can park.
+                if not self._unread_steps_finished():
+                    return idle_s
+                steps.fetch_all()
+                if self._dead or self._closed:
+                    return idle_s
             self._park_id += 1
             refs: list[Any] = []
             try:
@@ -462,6 +472,12 @@ class RayDistributedExecutor:
             return idle_s
         finally:
             steps.lock.release()
+
+    def _unread_steps_finished(self) -> bool:
+        """Whether every rank finished the last submitted step (then reading the
+        steps not read yet does not wait for a worker)."""
+        progress = self._group.progress(PROGRESS_TIMEOUT_S)
+        return all(isinstance(p, tuple) and p[1] >= self._step_id for p in progress)
 
     def _submit_rpc(self, step: int, batch: Any) -> list[ray.ObjectRef]:
         grid = self.pp_tp_workers

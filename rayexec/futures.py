@@ -146,6 +146,12 @@ class StepQueue:
             if self._pending:
                 self.fetch_through(self._pending[-1])
 
+    def fetch_all(self) -> None:
+        """Fetch every pending step, in order; their futures keep the results."""
+        with self.lock:
+            if self._pending:
+                self.fetch_through(self._pending[-1])
+
     def fail_all(self, error: BaseException) -> int:
         """Fail every pending step now (without fetching); returns how many."""
         with self._pending_lock:

@@ -5,8 +5,10 @@ for input, so an idle executor keeps one core busy per worker, for as long as it
 waits (docs/benchmarks.md, "Idle"). vLLM's own workers poll for 1 s
 after their last step and then sleep; this module gives rayexec's DAG workers the
 same: after `ExecutorConfig.idle_park_s` with no step, the driver sends PP "park"
-steps down the graph. On park step j, the workers of stage pp_rank block (on a
-condition variable, no CPU) when j == PP - 1 - pp_rank and pass it on otherwise:
+steps down the graph (first reading, once every rank finished them, any steps the
+caller submitted and left unread; their futures keep the results). On park step
+j, the workers of stage pp_rank block (on a condition variable, no CPU) when
+j == PP - 1 - pp_rank and pass it on otherwise:
 the last stage blocks on the first park step, stage 0 on the last, so that every
 stage ends up inside a blocked call at the same time and none is left polling.
 The next step first wakes every worker with a plain Ray call to its "control"

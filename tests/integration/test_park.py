@@ -115,3 +115,17 @@ def test_parking_resumes_after_a_death_and_restart(local_ray, no_leaks):
         # The rebuilt graph's workers park too.
         assert wait_until(lambda: all(parked(ex)), timeout_s=10), parked(ex)
         assert ex.execute_model({"x": [3.0]})["h"].item() == expected([3.0]).item()
+
+
+def test_a_finished_step_nobody_reads_does_not_keep_the_workers_polling(local_ray, no_leaks):
+    # vLLM's in-process engine (LLM with VLLM_ENABLE_V1_MULTIPROCESSING=0) with PP
+    # ends a generate with its last, empty batch still in its queue, unread until
+    # the next request: idle workers must park all the same.
+    with RayDistributedExecutor(config()) as ex:
+        unread = [ex.execute_model({"x": [float(i)]}, non_block=True) for i in range(2)]
+        assert wait_until(lambda: all(parked(ex)), timeout_s=10), parked(ex)
+        assert max(cores_used(ex, 1.0)) < 0.2
+        # The steps read while idle keep their results, in order, for their caller.
+        assert [f.result()["h"].item() for f in unread] == [
+            expected([0.0]).item(), expected([1.0]).item()]
+        assert ex.execute_model({"x": [2.0]})["h"].item() == expected([2.0]).item()

@@ -19,6 +19,17 @@ def test_fetching_a_later_step_fetches_earlier_ones_first_in_order():
     assert [f.result() for f in futures] == [0, 10, 20] and len(q) == 0
 
 
+def test_fetch_all_reads_every_pending_step_in_order_and_keeps_the_results():
+    fetched = []
+    q = StepQueue()
+    futures = [q.submit(lambda i=i: fetched.append(i) or i * 10) for i in range(3)]
+    q.fetch_all()
+    assert fetched == [0, 1, 2] and len(q) == 0 and all(f.done() for f in futures)
+    assert [f.result() for f in futures] == [0, 10, 20]
+    assert fetched == [0, 1, 2]  # not fetched again
+    q.fetch_all()  # nothing pending: nothing happens
+
+
 def test_an_exception_stays_with_its_own_step():
     q = StepQueue()
 

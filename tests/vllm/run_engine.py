@@ -17,6 +17,14 @@ that were not there before the engine started.
 `--micro-batches N` splits the prompts into N batches (with PP, N steps of real
 work are then in flight at once).
 
+In-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0, the token tests'
+setting): every prompt is queued before the first step, so the steps' batches do
+not depend on when requests reach the engine; `batches` records, per generate,
+each step's {prompt index: tokens scheduled}, and `worker_threads` each worker's
+torch thread count and cores (what two backends must share to compute the same
+bits). With vLLM's default engine process instead, the first step starts as soon
+as the first request arrives, and the batches vary from run to run.
+
 `--idle-check` sits idle after the first generate (IDLE_SETTLE_S, then
 IDLE_MEASURE_S), records the CPU the worker processes used in the second part
 (`idle_worker_cores`, one per worker) and generates again (`token_ids_after_idle`).
@@ -53,13 +61,25 @@ def worker_pid(worker) -> int:
     return os.getpid()
 
 
-def worker_process_family(worker) -> list[int]:
+def worker_process_family(worker, engine_pid: int) -> list[int]:
     """This worker's pid, its parent's (Ray's raylet, or vLLM's engine process)
-    and the parent's other children (Ray's agents, the other workers)."""
+    and the parent's other children (Ray's agents, the other workers). Only the
+    worker when its parent is `engine_pid`, the process running this script (an
+    in-process engine core's `mp` workers): that one is still alive at the end."""
     import psutil
 
     parent = psutil.Process(os.getppid())
+    if parent.pid == engine_pid:
+        return [os.getpid()]
     return sorted({os.getpid(), parent.pid, *(c.pid for c in parent.children())})
+
+
+def worker_threads(worker) -> dict:
+    """The torch (OpenMP) thread count and the cores of this worker: both backends
+    must run every rank with the same ones to compute the same bits."""
+    import torch
+
+    return {"threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0))}
 
 
 def shm_names() -> set[str]:
@@ -123,6 +143,31 @@ def generate(llm, count: int, max_tokens: int) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+def record_batches(llm) -> list[list[dict[int, int]]] | None:
+    """Wrap the executor's execute_model to record each step's batch as
+    {prompt index: tokens scheduled}; returns the list of generates' lists that
+    `generate` appends to. None with vLLM's engine process (the executor lives there)."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # InprocClient's
+    if core is None:
+        return None
+    executor, generates = core.model_executor, [[]]
+    execute_model = executor.execute_model
+
+    def recording(scheduler_output, non_block=False):
+        generates[-1].append(dict(scheduler_output.num_scheduled_tokens))
+        return execute_model(scheduler_output, non_block)
+
+    executor.execute_model = recording
+    return generates
+
+
+def by_prompt(steps: list[dict[str, int]]) -> list[dict[int, int]]:
+    """Request ids ("<counter>-<suffix>") as prompt indices within their generate."""
+    counters = {rid: int(rid.split("-")[0]) for step in steps for rid in step}
+    first = min(counters.values(), default=0)
+    return [{counters[rid] - first: n for rid, n in sorted(step.items())} for step in steps]
+
+
 def idle_worker_cores(llm) -> list[float]:
     """Cores each worker process uses while the engine has nothing to do."""
     from benchmarks.idle_park import cpu_seconds
@@ -177,11 +222,18 @@ def main() -> None:
     start = time.monotonic()
     llm = make_llm(args)
     result["start_s"] = round(time.monotonic() - start, 2)
+    batches = record_batches(llm)
+    result["worker_threads"] = llm.collective_rpc(worker_threads)
     result["token_ids"] = generate(llm, args.prompts, args.max_tokens)
-    family = sorted({p for ps in llm.collective_rpc(worker_process_family) for p in ps})
+    family = sorted({p for ps in llm.collective_rpc(worker_process_family, args=(os.getpid(),))
+                     for p in ps})
     if args.idle_check:
         result["idle_worker_cores"] = idle_worker_cores(llm)
+        if batches is not None:
+            batches.append([])
         result["token_ids_after_idle"] = generate(llm, args.prompts, args.max_tokens)
+    if batches is not None:
+        result["batches"] = [by_prompt(steps) for steps in batches]
     if args.kill_rank is not None:
         result["kill"] = kill_and_watch(llm, args.kill_rank, args.prompts, args.max_tokens,
                                         args.wait_s)
