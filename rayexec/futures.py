@@ -140,17 +140,14 @@ class StepQueue:
                 if not head.done() and fetch is not None:
                     _settle(head, fetch)
 
-    def drain(self) -> None:
-        """Fetch every pending step (their futures settle; errors stay in them)."""
-        with self.lock:
-            if self._pending:
-                self.fetch_through(self._pending[-1])
-
     def fetch_all(self) -> None:
-        """Fetch every pending step, in order; their futures keep the results."""
+        """Fetch every pending step, in order; their futures keep the results (or
+        the errors)."""
         with self.lock:
-            if self._pending:
-                self.fetch_through(self._pending[-1])
+            with self._pending_lock:
+                last = self._pending[-1] if self._pending else None
+            if last is not None:
+                self.fetch_through(last)
 
     def fail_all(self, error: BaseException) -> int:
         """Fail every pending step now (without fetching); returns how many."""

@@ -33,7 +33,7 @@ def update(state: WeightState, steps: StepQueue, dst: WorkerGroup, src: Any, *,
         raise ValueError(f"update_weights(bucket_bytes={bucket_bytes!r}): expected a positive "
                          f"byte count (default {DEFAULT_BUCKET_BYTES})")
     with state.lock, steps.lock:
-        steps.drain()
+        steps.fetch_all()
         if version is None:
             version = state.version + 1 if isinstance(state.version, int) else 1
         report = sync_weights(state, dst, src, version=version, bucket_bytes=bucket_bytes,
@@ -50,7 +50,7 @@ def sleep(state: WeightState, steps: StepQueue, group: WorkerGroup, level: int,
         raise ValueError(f"sleep(level={level!r}): expected 1 (free caches) or 2 (caches and "
                          f"weights)")
     with state.lock, steps.lock:
-        steps.drain()
+        steps.fetch_all()
         out = group.run("sleep", (level,), timeout=timeout)
         state.asleep = max(state.asleep, level)
         if level == 2:
