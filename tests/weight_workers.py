@@ -47,3 +47,25 @@ class BadTrainer(TrainerWorker):
             if self.calls >= 2:  # the first call only describes; the second sends
                 return _DieOnAccess(shards, self.die_after)
         return shards
+
+
+class CudaTrainer(TrainerWorker):
+    """A trainer whose shards live on its GPU (the model trains on the CPU; each
+    weight_shards() call copies the weights onto the device), so the sync between it
+    and a CUDA executor takes the NCCL path. device="cpu" keeps them on the CPU."""
+
+    def __init__(self, *args, device: str = "cuda", **kw):
+        super().__init__(*args, **kw)
+        self.device_kind = device
+
+    def weight_shards(self):
+        import torch
+
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if self.device_kind == "cuda" else torch.device("cpu"))
+        self._on_device = {n: (t.to(device), spec)
+                           for n, (t, spec) in super().weight_shards().items()}
+        return self._on_device
+
+    def cpu_shards(self):
+        return {n: (t.cpu(), spec) for n, (t, spec) in self.weight_shards().items()}
