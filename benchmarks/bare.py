@@ -8,7 +8,9 @@ the last stage's tp_rank 0 returns it (the others return None), as EchoWorker do
 Actors are `num_cpus=0` at niceness 0, like rayexec's workers. Variants:
   dict    what a user writes first: {"t": uint8 tensor} with Ray's default serialization;
   shm     the same with `with_tensor_transport("shm")` on the stage edges;
-  bytes   the payload as `bytes` end to end (Ray's raw channel path, no serializer).
+  bytes   the payload as `bytes` end to end (Ray's raw channel path, no serializer);
+  numpy   a uint8 numpy array (Ray's pickle5 path: written once into the channel,
+          read back without a copy).
 Not here: timing (runners.py) or rayexec's own path (the dag mode).
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 
 import ray
 
-VARIANTS = ("dict", "shm", "bytes")
+VARIANTS = ("dict", "shm", "bytes", "numpy")
 TEARDOWN_S = 5.0  # Ray 2.60's teardown can hang after ~1 MiB payloads; then kill
 
 
@@ -33,7 +35,8 @@ class _BareActor:
             import torch
 
             t = torch.arange(nbytes, dtype=torch.int64).to(torch.uint8)
-            self.payloads[nbytes] = t.numpy().tobytes() if self.variant == "bytes" else {"t": t}
+            self.payloads[nbytes] = {"bytes": t.numpy().tobytes(), "numpy": t.numpy()}.get(
+                self.variant, {"t": t})
         return self.payloads[nbytes]
 
     def step(self, x: Any) -> Any:
@@ -42,7 +45,7 @@ class _BareActor:
             return payload
         if self.tp_rank != 0:
             return None
-        return payload if self.variant == "bytes" else payload["t"]
+        return payload if self.variant in ("bytes", "numpy") else payload["t"]
 
 
 class BareChain:

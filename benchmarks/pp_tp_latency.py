@@ -59,9 +59,13 @@ logger = logging.getLogger("pp_tp_latency")
 
 DEFAULT_OUT = ROOT / "results" / "latest" / "pp_tp_latency.json"
 FULL = {"pp": [1, 2, 4], "tp": [1, 2], "payloads": [4 << 10, 64 << 10, 1 << 20, 16 << 20],
-        "iters": 300, "warmup": 20, "max_seconds": 3.0}
+        "iters": 300, "warmup": 20, "max_seconds": 3.0, "repeat": 1}
+# --quick: enough warm-up after each fresh compile for the first steps' outliers to
+# pass (30 timed steps after 5 warm-up ones gave dag 2.56 ms at PP=2 x TP=1, 4 KiB, where
+# 300 steps alone gave 0.32 ms), and two passes in opposite mode order (ABBA), because a
+# graph torn down earlier in the driver process inflates the next mode's tail.
 QUICK = {"pp": [2], "tp": [1, 2], "payloads": [4 << 10, 64 << 10, 1 << 20],
-         "iters": 30, "warmup": 5, "max_seconds": 1.0}
+         "iters": 100, "warmup": 30, "max_seconds": 1.0, "repeat": 2}
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
          "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
 # Cheap modes first, so a cell's Ray-free references are in before the Ray runs.
@@ -120,8 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help=f"untimed steps first (default {FULL['warmup']})")
     p.add_argument("--max-seconds", type=float, help="stop timing a configuration after this "
                    f"long (default {FULL['max_seconds']})")
-    p.add_argument("--repeat", type=int, default=1, help="run the whole plan this many times "
-                   "and pool each configuration's steps (for a machine whose load drifts)")
+    p.add_argument("--repeat", type=int, help="run the whole plan this many times, every "
+                   "other pass in the opposite mode order, and pool each configuration's steps "
+                   "(default 1; --quick: 2)")
     p.add_argument("--max-workers", type=int, default=4,
                    help="skip layouts with more workers (default 4: a 2-core box)")
     p.add_argument("--floor-niceness", type=int, help="niceness of the floor's processes "
@@ -268,8 +273,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "driver_torch_threads": torch.get_num_threads(),
         "results": [], "errors": [],
     }
-    plan = [(w, pp, tp, m, c) for w in args.workloads for pp, tp in cells for m in modes
-            for c in variants(m, w, channels)] * args.repeat
+    plan = [(w, pp, tp, m, c) for r in range(args.repeat) for w in args.workloads
+            for pp, tp in cells for m in (modes if r % 2 == 0 else modes[::-1])
+            for c in variants(m, w, channels)]
     raw: list[dict[str, Any]] = []
     try:
         for i, (name, pp, tp, mode, channel) in enumerate(plan, 1):

@@ -5,7 +5,7 @@ Every mode answers `execute_model(batch)` for the same worker class, kwargs and 
 TP layout, so one loop times them all:
   dag    RayDistributedExecutor(forward="dag"), compiled graph, `channel` edges;
   bare   the same echo chain as a plain Ray compiled graph, no rayexec code
-         (bare.py; `channel` names the variant: dict, shm or bytes);
+         (bare.py; `channel` names the variant: dict, shm, bytes or numpy);
   rpc    the same executor with forward="rpc" (plain actor calls);
   floor  FloorChain: plain processes + shared memory + eventfds, no Ray (floor.py);
   local  the stages' compute in this process: EchoWorkers called in a row, or the
@@ -168,9 +168,9 @@ class Workload:
     def check(self, out: Any, payload: int) -> Any:
         """A digest of one step's output, compared across modes; raises when wrong."""
         if self.name == "echo":
-            # A tensor, or bytes from the bare mode's bytes variant.
+            # A tensor, bytes (the bare bytes variant) or a numpy array (bare numpy).
             size = len(out) if isinstance(out, bytes) else (
-                out.numel() if isinstance(out, torch.Tensor) else None)
+                out.numel() if isinstance(out, torch.Tensor) else getattr(out, "nbytes", None))
             if size != payload:
                 raise AssertionError(f"echo of {payload} bytes returned {type(out).__name__} "
                                      f"of size {size}")
