@@ -310,7 +310,8 @@ class RankActor:
             finally:
                 self.step_finished = step
         result = out if self.is_last_stage else (step, batch, out)
-        return wire.pack(result) if edge == "frames" else result
+        # reuse: Ray's channel write copies the frame and drops it before our next step.
+        return wire.pack(result, reuse=True, channel=True) if edge == "frames" else result
 
     def _on_own_device(self, intermediate: Any) -> Any:
         import torch

@@ -179,7 +179,8 @@ class ForwardDag:
     def execute(self, step: int, batch: Any) -> list[Any]:
         """Submit one step; returns one result ref per last-stage worker."""
         message = (step, batch)
-        return self.compiled.execute(wire.pack(message) if self.frames else message)
+        # reuse: execute writes the input into the channel (a copy) before it returns.
+        return self.compiled.execute(wire.pack(message, reuse=True) if self.frames else message)
 
     def output(self, value: Any) -> Any:
         """The worker's output from what a result ref gave back."""

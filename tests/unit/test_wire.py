@@ -101,3 +101,56 @@ def test_a_frame_takes_rays_raw_bytes_path():
     context = ray._private.worker.global_worker.get_serialization_context()
     frame = wire.pack((5, {"t": torch.ones(16)}))
     assert isinstance(context.serialize(frame), RawSerializedObject)
+
+
+def big_message(fill: int):
+    t = torch.full((1 << 18,), fill, dtype=torch.float32)  # 1 MiB
+    return (7, "batch", {"t": t, "every_other": t.view(512, 512)[:, ::2], "small": t[:3]})
+
+
+def test_a_reused_frame_holds_the_same_bytes_as_a_fresh_one():
+    message = big_message(1)
+    assert wire.pack(message, reuse=True) == wire.pack(message)
+    assert_same(message, wire.unpack(wire.pack(message, reuse=True)))
+
+
+def test_a_frame_is_rewritten_only_once_nobody_holds_it():
+    if not wire._POOL.enabled:
+        pytest.skip("this Python cannot write bytes in place; every frame is fresh")
+    first = wire.pack(big_message(1), reuse=True)
+    held = wire.unpack(first)  # views of `first` keep it alive
+    second = wire.pack(big_message(2), reuse=True)
+    assert second is not first
+    assert torch.equal(held[2]["t"], torch.full((1 << 18,), 1.0))  # untouched
+    assert torch.equal(wire.unpack(second)[2]["t"], torch.full((1 << 18,), 2.0))
+    del held, first, second
+    reused = wire._POOL.reused
+    third = wire.pack(big_message(3), reuse=True)
+    assert wire._POOL.reused == reused + 1  # a released frame came back
+    assert torch.equal(wire.unpack(third)[2]["t"], torch.full((1 << 18,), 3.0))
+
+
+def test_a_frame_above_rays_parallel_copy_size_reaches_the_reader_whole(local_ray):
+    """Above 1 MiB a stage's frame is handed to Ray as msgpack bin data (one memcpy,
+    not Ray's six-thread copy); the reader gets the very frame as bytes."""
+    import ray
+    from ray.dag import InputNode
+
+    @ray.remote(num_cpus=0)
+    class Stage:
+        def step(self, fill):
+            return wire.pack(big_message(fill), reuse=True, channel=True)
+
+    stage = Stage.remote()
+    with InputNode() as inp:
+        graph = stage.step.bind(inp)
+    compiled = graph.experimental_compile(_buffer_size_bytes=4 << 20)
+    try:
+        for fill in (1, 2, 3):  # the third reuses the first's frame
+            frame = compiled.execute(fill).get(timeout=60)
+            assert isinstance(frame, bytes) and frame == wire.pack(big_message(fill))
+    finally:
+        compiled.teardown()
+        ray.kill(stage)
+    small = wire.pack((1, torch.ones(4)), channel=True)
+    assert isinstance(small, bytes)  # below the size: Ray's raw bytes path as before
