@@ -111,6 +111,11 @@ class ExecutorConfig:
     restart_on_failure: bool = False
     """Replace dead workers automatically (same bundles, same ranks) when a death is
     detected."""
+    enable_tensor_transport: bool = False
+    """Create the worker actors with Ray's enable_tensor_transport=True, so that they
+    may fetch tensors other actors publish through Ray Direct Transport
+    (@ray.method(tensor_transport=...)). vLLM's sharded_rdt weight transfer needs it;
+    rayexec's vLLM backend turns it on when that engine is configured."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -255,6 +260,8 @@ def _validate(c: ExecutorConfig) -> None:
             ipaddress.ip_address(c.host_ip)
         except ValueError:
             _fail("host_ip", c.host_ip, "expected an IPv4 or IPv6 address such as '10.0.0.5'")
+    if not isinstance(c.enable_tensor_transport, bool):
+        _fail("enable_tensor_transport", c.enable_tensor_transport, "expected True or False")
     if c.runtime_env is not None and not isinstance(c.runtime_env, Mapping):
         _fail("runtime_env", c.runtime_env, "expected None or a Ray runtime_env mapping")
 

@@ -355,7 +355,12 @@ class WorkerGroup:
             options["resources"] = {p.resource_key: c.num_devices_per_worker}
         if c.memory_per_worker:
             options["memory"] = c.memory_per_worker
-        actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RankActor)
+        # Ray Direct Transport (vLLM's sharded_rdt): a class option in Ray 2.60, where
+        # .options(enable_tensor_transport=True) is accepted but ignored. Ray adds its
+        # own concurrency groups to the dict it is given, hence a copy.
+        tensor_transport = {"enable_tensor_transport": True} if c.enable_tensor_transport else {}
+        actor_cls = ray.remote(concurrency_groups=dict(CONCURRENCY_GROUPS),
+                               **tensor_transport)(RankActor)
         return actor_cls.options(**options).remote(index)
 
     def _runtime_env(self) -> dict[str, Any]:

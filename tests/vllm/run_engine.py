@@ -107,7 +107,28 @@ def describe(pid: int) -> str:
         return f"{pid} (gone)"
 
 
-def make_llm(args):
+def engine_env(backend: str, tp: int, pp: int, in_process: bool = True) -> dict[str, str]:
+    """The environment the vLLM tests start an engine script with:
+    - RAY_ADDRESS=local: the engine's Ray is a fresh local one, never another
+      cluster that happens to run on this machine;
+    - RAYEXEC_NUM_DEVICES_PER_WORKER=0.5: four CPU workers on a 2-core box each
+      book half of one logical CPU;
+    - one thread per worker on both backends (RAYEXEC_CPU_THREADS_PER_WORKER=1,
+      and for `mp` VLLM_CPU_OMP_THREADS_BIND, which vLLM requires with TP or PP > 1);
+    - the engine core in this process or in vLLM's engine process (`in_process`)."""
+    from benchmarks.vllm_engines import mp_thread_bind
+
+    env = dict(os.environ, RAY_ADDRESS="local", RAYEXEC_NUM_DEVICES_PER_WORKER="0.5",
+               RAYEXEC_CPU_THREADS_PER_WORKER="1",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0" if in_process else "1")
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    if backend == "mp":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = mp_thread_bind(tp * pp)
+    return env
+
+
+def make_llm(args, **engine_kwargs):
+    """The engine for `args`; `engine_kwargs` go to vLLM's LLM as they are."""
     from vllm import LLM
 
     backend = args.backend
@@ -129,7 +150,7 @@ def make_llm(args):
         model=args.model, skip_tokenizer_init=True, seed=0, **compile_args,
         tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
         distributed_executor_backend=backend, max_model_len=128, max_num_seqs=8,
-        kv_cache_memory_bytes=32 << 20, **batching,
+        kv_cache_memory_bytes=32 << 20, **batching, **engine_kwargs,
     )
 
 

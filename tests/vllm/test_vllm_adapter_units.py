@@ -55,7 +55,7 @@ def fake_vllm_config(tp=2, pp=2, dp=1, world_size=None, kv_transfer=None):
         tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
         world_size=world_size or tp * pp, placement_group=None)
     return SimpleNamespace(parallel_config=parallel, kv_transfer_config=kv_transfer,
-                           ec_transfer_config=None)
+                           ec_transfer_config=None, weight_transfer_config=None)
 
 
 @pytest.mark.vllm

@@ -38,14 +38,14 @@ buffers), so there would be nothing to compare against.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.vllm_engines import build_tiny_llama, mp_thread_bind
+from benchmarks.vllm_engines import build_tiny_llama
+from tests.vllm.run_engine import engine_env
 
 pytestmark = pytest.mark.vllm
 
@@ -64,13 +64,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 def run_engine(model: Path, out_dir: Path, backend: str, tp: int, pp: int,
                *extra: str, in_process: bool = True) -> dict:
     out = out_dir / f"{backend}-tp{tp}-pp{pp}.json"
-    env = dict(os.environ, RAY_ADDRESS="local", RAYEXEC_NUM_DEVICES_PER_WORKER="0.5",
-               # One thread per worker, as mp_thread_bind gives mp's workers.
-               RAYEXEC_CPU_THREADS_PER_WORKER="1",
-               VLLM_ENABLE_V1_MULTIPROCESSING="0" if in_process else "1")
-    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    if backend == "mp":
-        env["VLLM_CPU_OMP_THREADS_BIND"] = mp_thread_bind(tp * pp)
+    env = engine_env(backend, tp, pp, in_process)
     cmd = [sys.executable, str(RUNNER), "--model", str(model), "--backend", backend,
            "--tp", str(tp), "--pp", str(pp), "--mode", "dynamo" if pp > 1 else "eager",
            "--prompts", str(PROMPTS), "--max-tokens", str(MAX_TOKENS), "--out", str(out),

@@ -91,6 +91,8 @@ def build_config(vllm_config: VllmConfig) -> ExecutorConfig:
     }
     if pc.placement_group is not None:
         overrides["placement_group"] = pc.placement_group
+    if needs_tensor_transport(vllm_config):
+        overrides["enable_tensor_transport"] = True
     config = ExecutorConfig.from_env(**overrides)
     env_vars = dict(config.env_vars)
     preload = envs.driver_environ().get("LD_PRELOAD")
@@ -106,6 +108,19 @@ def build_config(vllm_config: VllmConfig) -> ExecutorConfig:
         cpu_bind=cpu_bind,
         worker_kwargs={"vllm_config": vllm_config, "cpu_bind": cpu_bind},
     )
+
+
+def needs_tensor_transport(vllm_config: VllmConfig) -> bool:
+    """True when the workers must be actors with Ray's tensor transport: vLLM's
+    sharded_rdt weight transfer pulls the trainer's slices through it (vLLM's own
+    RayExecutorV2 creates its workers with it for the same reason)."""
+    wt = vllm_config.weight_transfer_config
+    if wt is None or wt.backend != "sharded_rdt":
+        return False
+    from vllm.distributed.weight_transfer.sharded_rdt_common import check_ray_rdt_version
+
+    check_ray_rdt_version()  # vLLM's clear error for a Ray without Direct Transport
+    return True
 
 
 def check_supported(vllm_config: VllmConfig) -> None:
