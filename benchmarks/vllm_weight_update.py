@@ -9,6 +9,11 @@ Rows (per model; every engine TP=2, engine core in-process, eager):
                           the full HF-named state dict passed as the call's argument
                           (each worker keeps its shard), on vLLM's `mp` backend;
   collective_rpc/rayexec  the same call, same weights, on `RayexecExecutor`;
+  collective_rpc/*+numpy  the same two with each tensor passed as a numpy view of its
+                          bytes (rebuilt as a tensor in the worker): a diagnostic of
+                          how much of a path's time is torch's own pickling of tensors
+                          (which Ray uses; vLLM's mp queue sends tensor bytes out of
+                          band) rather than the executor;
   direct/rayexec          `rayexec.integrations.vllm.update_weights(llm, trainer)`: the
                           weights move from a trainer WorkerGroup (one worker holding the
                           state dict, every name replicated) straight into the vLLM
@@ -51,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +68,14 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 
 RESULT = ROOT / "results" / "latest" / "vllm_weight_update.json"
 TP = 2
+# Weights travel in the engine's dtype on every path (the direct path requires it; the
+# tiny checkpoint is float32, which vLLM on CPU would serve as bfloat16 anyway).
+DTYPE = "bfloat16"
 PROMPTS, PROMPT_LEN, MAX_TOKENS = 3, 12, 8
 CHILD_TIMEOUT_S = 1800
 EXTENSION = "benchmarks.vllm_weight_update.ReloadExtension"
-PATHS = ("collective_rpc/mp", "collective_rpc/rayexec", "direct/rayexec")
+PATHS = ("collective_rpc/mp", "collective_rpc/rayexec", "collective_rpc/mp+numpy",
+         "collective_rpc/rayexec+numpy", "direct/rayexec")
 RPC_TARGET_RATIO = 1.10  # collective_rpc rayexec / mp, at most
 DIRECT_TARGET_SPEEDUP = 2.0  # collective_rpc/mp over direct/rayexec, large model, at least
 # A 12-layer Llama with 0.5 GiB of bf16 weights (267M parameters): big enough that
@@ -94,9 +104,29 @@ class ReloadExtension:
     place, re-running vLLM's post-load processing (a bare `model.load_weights` fails
     on CPU, where vLLM has repacked the linear weights)."""
 
-    def bench_reload_weights(self, weights: dict[str, torch.Tensor]) -> int:
-        self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+    def bench_reload_weights(self, weights: dict[str, Any]) -> int:
+        self.model_runner.reload_weights(
+            weights_iterator=((n, as_tensor(v)) for n, v in weights.items()))
         return len(weights)
+
+
+def as_arrays(weights: dict[str, torch.Tensor]) -> dict[str, tuple[Any, str]]:
+    """Each tensor as (numpy view of its bytes, dtype name): no copy here, and both Ray
+    and mp pickle numpy arrays out of band."""
+    return {n: (t.contiguous().view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."))
+            for n, t in weights.items()}
+
+
+def as_tensor(value: Any) -> torch.Tensor:
+    """A tensor from either form update_by_rpc sends."""
+    if isinstance(value, torch.Tensor):
+        return value
+    array, dtype = value
+    with warnings.catch_warnings():
+        # The arrays arrive read-only (Ray's object store, mp's shared memory);
+        # reload_weights only copies from them.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).view(getattr(torch, dtype))
 
 
 class StateDictTrainer:
@@ -106,7 +136,7 @@ class StateDictTrainer:
     def __init__(self, rank: int, local_rank: int, world_size: int, pp_rank: int,
                  tp_rank: int, distributed_init_method: str, *, files: dict[str, list[str]]
                  ) -> None:
-        self.sets = {key: load_state(paths) for key, paths in files.items()}
+        self.sets = {key: load_state(paths, DTYPE) for key, paths in files.items()}
         self.current = next(iter(self.sets))
 
     def select(self, key: str) -> None:
@@ -122,17 +152,19 @@ class StateDictTrainer:
                 for n, t in self.sets[self.current].items()}
 
 
-def load_state(paths: list[str]) -> dict[str, torch.Tensor]:
+def load_state(paths: list[str], dtype: str | None = None) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
     for path in paths:
         state.update(load_file(path))
+    if dtype is not None:
+        state = {n: t.to(getattr(torch, dtype)) for n, t in state.items()}
     return state
 
 
 # ---- the update paths (one small function each) ---------------------------------------
-def update_by_rpc(llm: Any, weights: dict[str, torch.Tensor]) -> None:
+def update_by_rpc(llm: Any, weights: dict[str, Any]) -> None:
     """vLLM's documented way on any backend: every worker gets the whole dict."""
     llm.collective_rpc("bench_reload_weights", args=(weights,))
 
@@ -184,7 +216,7 @@ def make_engine(backend: str, model: str) -> tuple[Any, float]:
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", RAYEXEC_CPU_THREADS_PER_WORKER="1")
     start = time.perf_counter()
     with environ(env):
-        llm = LLM(model=model, skip_tokenizer_init=True, seed=0, enforce_eager=True,
+        llm = LLM(model=model, skip_tokenizer_init=True, seed=0, enforce_eager=True, dtype=DTYPE,
                   tensor_parallel_size=TP, distributed_executor_backend=executor,
                   worker_extension_cls=EXTENSION, max_model_len=64, max_num_seqs=PROMPTS,
                   kv_cache_memory_bytes=32 << 20)
@@ -226,7 +258,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.vllm_engines import PAUSE_S
 
     model = args.model
-    weights = {"a": load_state(checkpoint_files(Path(model))), "b": load_state([args.b])}
+    weights = {"a": load_state(checkpoint_files(Path(model)), DTYPE),
+               "b": load_state([args.b], DTYPE)}
+    arrays = {key: as_arrays(state) for key, state in weights.items()}
     result: dict[str, Any] = {"bytes": sum(t.numel() * t.element_size()
                                            for t in weights["a"].values()),
                               "params": sum(t.numel() for t in weights["a"].values()),
@@ -242,7 +276,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             turns.check(backend, generate(engines[backend]))
             print(f"progress: {backend} engine started in {start_s:.1f} s", flush=True)
         update, why = direct_update_fn()
-        paths = ["collective_rpc/mp", "collective_rpc/rayexec"]
+        paths = ["collective_rpc/mp", "collective_rpc/rayexec", "collective_rpc/mp+numpy",
+                 "collective_rpc/rayexec+numpy"]
         if update is None:
             result["rows"]["direct/rayexec"] = {"status": "not available", "reason": why}
         else:
@@ -252,7 +287,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
         def turn(path: str) -> float:
             nonlocal version
-            engine = path.split("/")[1]
+            engine = engine_of(path)
             target = "b" if turns.holds[engine] == "a" else "a"
             version += 1
             if path == "direct/rayexec":
@@ -261,7 +296,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
                 update(engines[engine], trainer, version=version)
             else:
                 t0 = time.perf_counter()
-                update_by_rpc(engines[engine], weights[target])
+                update_by_rpc(engines[engine], (arrays if "+numpy" in path else weights)[target])
             seconds = time.perf_counter() - t0
             turns.holds[engine] = target
             row = result["rows"].setdefault(path, {"status": "ok", "seconds": [], "checks": 0,
@@ -279,7 +314,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             print(f"progress: repeat {r + 1}/{args.repeats}: " + ", ".join(
                 f"{p} {result['rows'][p]['seconds'][-1]:.3f} s" for p in paths), flush=True)
         for path in paths:
-            result["rows"][path]["ids_changed"] = turns.changed(path.split("/")[1])
+            result["rows"][path]["ids_changed"] = turns.changed(engine_of(path))
         result["ids_agree_across_engines"] = turns.agree()
     finally:
         if trainer is not None:
@@ -287,6 +322,10 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         for llm in engines.values():
             llm.llm_engine.engine_core.shutdown()
     return result
+
+
+def engine_of(path: str) -> str:
+    return path.split("/")[1].split("+")[0]
 
 
 def start_trainer(model: str, b: str) -> Any:
@@ -377,6 +416,8 @@ def summarize(model: dict[str, Any]) -> None:
                        gb_per_s=model["bytes"] / statistics.median(s) / 1e9)
     model["ratios"] = {}
     pairs = {"rpc_rayexec_over_mp": ("collective_rpc/rayexec", "collective_rpc/mp"),
+             "rpc_rayexec_over_mp_numpy": ("collective_rpc/rayexec+numpy",
+                                           "collective_rpc/mp+numpy"),
              "rpc_mp_over_direct": ("collective_rpc/mp", "direct/rayexec")}
     for key, (num, den) in pairs.items():
         a, b = rows.get(num, {}), rows.get(den, {})

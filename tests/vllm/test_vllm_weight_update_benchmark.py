@@ -34,12 +34,14 @@ def test_each_update_path_changes_the_ids_and_restores_them(quick_run):
     model = doc["models"]["tiny"]
     assert model["status"] == "ok" and model["bytes"] > 0
     rows = model["rows"]
-    for path in ("collective_rpc/mp", "collective_rpc/rayexec"):
+    for path in ("collective_rpc/mp", "collective_rpc/rayexec", "collective_rpc/mp+numpy",
+                 "collective_rpc/rayexec+numpy"):
         row = rows[path]
         assert row["status"] == "ok", (path, row)
         assert len(row["seconds"]) == doc["settings"]["repeats"] == 1
         assert row["median_s"] > 0 and row["gb_per_s"] > 0
-        # A warm-up and a measured update: A -> B (ids change), B -> A (A's ids again).
+        # Each engine flips between weight sets A and B at every update and then
+        # generates: B's ids differ from A's, A's come back, and B's repeat.
         assert row["checks"] == 2 and row["ids_changed"] and row["ids_as_expected"], row
     # Same threads and batches on both engines: the same ids from the same weights.
     assert model["ids_agree_across_engines"] is True
@@ -50,6 +52,7 @@ def test_each_update_path_changes_the_ids_and_restores_them(quick_run):
     else:
         assert direct["status"] == "not available" and "update_weights" in direct["reason"]
     assert model["ratios"]["rpc_rayexec_over_mp"]["paired_median"] > 0
+    assert model["ratios"]["rpc_rayexec_over_mp_numpy"]["paired_median"] > 0
 
 
 def test_the_weight_transfer_engines_and_the_verdict_are_reported(quick_run):
