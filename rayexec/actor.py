@@ -276,6 +276,13 @@ class RankActor:
             return self._run(name, lambda: fn(self.worker, *args, **kwargs))
         return self._run(method, lambda: getattr(self.worker, method)(*args, **kwargs))
 
+    def execute_framed(self, method: str | bytes, frame: bytes) -> Any:
+        """execute_method with its arguments in one wire frame (WorkerGroup.run_async
+        sends large host tensors this way): the tensors arrive as views of the frame,
+        this actor's own copy of it."""
+        args, kwargs = wire.unpack(frame)
+        return self.execute_method(method, *args, **kwargs)
+
     def run_step(self, message: Any, edge: str = "rpc") -> Any:
         """The forward step: unpack, call execute_model, pack for the next stage.
 

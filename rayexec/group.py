@@ -33,7 +33,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rayexec import envs, layout
+from rayexec import envs, layout, wire
 from rayexec.actor import (
     CONCURRENCY_GROUPS,
     RankActor,
@@ -396,6 +396,10 @@ class WorkerGroup:
         # fails on the first rank, before anything runs anywhere.
         with unpicklable_is_clear(f"collective_rpc({method_name(method)!r})"):
             payload = method if isinstance(method, str) else cloudpickle.dumps(method)
+            frame = wire.pack_call(tuple(args), kwargs)
+            if frame is not None:  # large host tensors: one copy in the store for all
+                ref = ray.put(frame)
+                return [actors[r].execute_framed.remote(payload, ref) for r in ranks]
             return [actors[r].execute_method.remote(payload, *args, **kwargs)
                     for r in ranks]
 

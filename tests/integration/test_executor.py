@@ -81,6 +81,36 @@ def test_collective_rpc_by_name_callable_and_ranks(ex):
         ex.collective_rpc("echo", args=(1,), ranks=[4])
 
 
+def _digest(worker, weights, note=None, ref=None):
+    """What a rank received: per name (dtype, shape, sum); the value behind ref[0]."""
+    import ray as ray_
+
+    out = {n: (str(t.dtype), tuple(t.shape), float(t.double().sum())) for n, t in
+           weights.items()}
+    return out, note, None if ref is None else ray_.get(ref[0])
+
+
+def test_large_tensor_arguments_arrive_whole_on_every_rank(ex):
+    """Above wire.CALL_FRAME_MIN_BYTES host tensors go as one frame put in the object
+    store once; with an ObjectRef among the arguments Ray's own path is kept."""
+    import ray
+
+    from rayexec import wire
+
+    weights = {"a": torch.arange(1 << 19, dtype=torch.float32).view(512, 1024),
+               "b": torch.randn(1 << 20, dtype=torch.float32).to(torch.bfloat16)[::2],
+               "small": torch.ones(3, dtype=torch.int64)}
+    assert wire.pack_call((weights,), {"note": "x"}) is not None
+    want = {n: (str(t.dtype), tuple(t.shape), float(t.double().sum()))
+            for n, t in weights.items()}
+    for got in ex.collective_rpc(_digest, args=(weights,), kwargs={"note": "x"}):
+        assert got == (want, "x", None)
+    refs = [ray.put(7)]  # nested, so Ray passes the ref itself, not its value
+    assert wire.pack_call((weights,), {"ref": refs}) is None
+    for got in ex.collective_rpc(_digest, args=(weights,), kwargs={"ref": refs}):
+        assert got == (want, None, 7)
+
+
 def test_collective_rpc_non_block_returns_a_future(ex):
     future = ex.collective_rpc(lambda w: w.rank, non_block=True)
     assert isinstance(future, Future)
