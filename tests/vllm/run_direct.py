@@ -11,6 +11,8 @@ would turn the tokens to garbage); generate (`token_ids_after`); the trainer sav
 its weights as sent to --save (a fresh `mp` engine from there must agree).
 `--errors` then tries three bad updates (a renamed tensor, a wrong shape, a trainer
 rank that dies midway) and generates after each (`errors`).
+`--engine-process` starts the engine core in its own process instead and only
+records what update_weights says (`refusal`).
 `--colocate` puts the trainer and vLLM's workers on the same bundles of one
 placement group and records each side's (placement group, bundle) (`bundles`).
 """
@@ -40,18 +42,10 @@ from tests.vllm.run_engine import (  # noqa: E402
 GROUP_NAME = "rayexec-rl-colocated"
 
 
-def where(worker) -> list:
-    """[placement group id, bundle index] of the actor running this."""
+def placement_group_id(worker) -> str | None:
     import ray
 
-    ctx = ray.get_runtime_context()
-    bundle = None
-    for key in ctx.get_assigned_resources():  # "CPU_group_<index>_<group id>"
-        _, _, rest = key.partition("_group_")
-        head = rest.split("_")[0]
-        if head.isdigit():
-            bundle = int(head)
-    return [ctx.get_placement_group_id(), bundle]
+    return ray.get_runtime_context().get_placement_group_id()
 
 
 def try_update(llm, group, **kw) -> dict:
@@ -75,11 +69,22 @@ def main() -> None:
     parser.add_argument("--save", required=True)
     parser.add_argument("--errors", action="store_true")
     parser.add_argument("--colocate", action="store_true")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="engine core in its own process: record update_weights' refusal")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # functions via collective_rpc
     args.backend, args.mode = "rayexec", "dynamo" if args.pp > 1 else "eager"
     args.micro_batches = args.pp
+
+    if args.engine_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        llm = make_llm(args)
+        refusal = try_update(llm, None)  # refused before the source is even looked at
+        llm.llm_engine.engine_core.shutdown()
+        with open(args.out, "w") as f:
+            json.dump({"refusal": refusal["error"]}, f)
+        return
 
     import ray
 
@@ -109,10 +114,25 @@ def main() -> None:
     before = generate(llm, args.prompts, args.max_tokens)
     result["token_ids_before"] = before
     if args.colocate:
-        result["bundles"] = {"trainer": group.run(where), "vllm": llm.collective_rpc(where)}
-        group.run("sleep", (1,))  # nothing to free yet; the loop's shape
+        # Ray shows an actor its group, not its bundle: the bundles are rayexec's
+        # record of what it asked Ray for; each bundle fits one actor of each side.
+        from rayexec.integrations.vllm.direct import rayexec_executor
+
+        engine_group = rayexec_executor(llm).rayexec._group
+        result["bundles"] = {
+            "trainer": [list(x) for x in zip(group.run(placement_group_id),
+                                             group.placement.bundle_indices)],
+            "vllm": [list(x) for x in zip(llm.collective_rpc(placement_group_id),
+                                          engine_group.placement.bundle_indices)]}
     sequences = [p + o for p, o in zip(prompt_ids(args.prompts, PROMPT_LEN), before)]
     result["losses"] = group.run("train_step", (sequences,))
+    if args.colocate:
+        from vllm.platforms import current_platform
+
+        # The rollout side cannot free its memory on CPU (no vLLM sleep mode there);
+        # the trainer frees its gradients before vLLM works again.
+        result["vllm_sleep_mode_available"] = current_platform.is_sleep_mode_available()
+        result["trainer_freed_bytes"] = [r["freed_bytes"] for r in group.run("sleep", (1,))]
     llm.collective_rpc("set_unreceived_fill", args=(float("nan"),))
     from rayexec.integrations.vllm import update_weights
 

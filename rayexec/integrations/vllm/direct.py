@@ -62,10 +62,10 @@ def update_weights(llm: Any, source: WorkerGroup, *, version: Any = None,
     ExecutorConfig.rpc_timeout_s, else DEFAULT_SYNC_TIMEOUT_S). Raises
     ValueError (names or shapes disagree: nothing moved) or WeightSyncError
     (a rank failed or died: nothing loaded); the engine keeps its weights."""
+    executor = rayexec_executor(llm).rayexec
     if not isinstance(source, WorkerGroup):
         raise TypeError(f"update_weights(source=...) takes a rayexec WorkerGroup of trainer "
                         f"workers, got {type(source).__name__}")
-    executor = rayexec_executor(llm).rayexec
     bound = timeout or executor.config.rpc_timeout_s or DEFAULT_SYNC_TIMEOUT_S
     try:
         report = executor.update_weights(
