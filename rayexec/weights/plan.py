@@ -214,16 +214,25 @@ def check_layouts(source: Layout, destination: Layout) -> dict[str, WeightSpec]:
                         f"model (same config, same dtype)")
     held = {n for specs in source.values() for n in specs}
     needed = {n for specs in destination.values() for n in specs}
-    if needed - held:
-        missing = sorted(needed - held)
+
+    def ranks_with(layout: Layout, names: list[str]) -> list[int]:
+        return sorted(r for r in layout if any(n in layout[r] for n in names[:8]))
+
+    missing, extra = sorted(needed - held), sorted(held - needed)
+    if missing:
+        unmatched = (f"; the source holds {extra[:8]}{' ...' if len(extra) > 8 else ''} "
+                     f"(source ranks {ranks_with(source, extra)}) that no destination rank "
+                     f"needs" if extra else "")
         raise ValueError(f"the destination needs weight(s) {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''} that no source rank holds; "
-                         f"the source holds {len(held)} names (e.g. {sorted(held)[:4]}). "
-                         f"Rename to match, or drop them from weight_layout()")
-    if held - needed:
-        extra = sorted(held - needed)
+                         f"{' ...' if len(missing) > 8 else ''} (destination ranks "
+                         f"{ranks_with(destination, missing)}) that no source rank holds"
+                         f"{unmatched}; the source holds {len(held)} names (e.g. "
+                         f"{sorted(held)[:4]}). Rename to match, or drop them from "
+                         f"weight_layout()")
+    if extra:
         raise ValueError(f"the source holds weight(s) {extra[:8]}"
-                         f"{' ...' if len(extra) > 8 else ''} that no destination rank needs; "
+                         f"{' ...' if len(extra) > 8 else ''} (source ranks "
+                         f"{ranks_with(source, extra)}) that no destination rank needs; "
                          f"leave them out of weight_shards() or add them to weight_layout()")
     return {name: spec for name, (_, spec) in full.items()}
 

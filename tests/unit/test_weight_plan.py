@@ -150,6 +150,15 @@ def test_name_on_one_side_is_named():
         plan_transfers({0: {"w": w, "only_src": w}}, {0: {"w": w}})
 
 
+def test_a_renamed_weight_names_both_names_and_their_ranks():
+    w = WeightSpec((2,), "float32")
+    with pytest.raises(ValueError, match=r"\['q'\] \(destination ranks \[1\]\) that no source "
+                                         r"rank holds; the source holds \['query'\] \(source "
+                                         r"ranks \[0, 1\]\)"):
+        plan_transfers({0: {"w": w, "query": w}, 1: {"query": w}},
+                       {0: {"w": w}, 1: {"w": w, "q": w}})
+
+
 def test_shape_and_dtype_mismatch_name_both():
     with pytest.raises(ValueError, match=r"'w'.*\[4, 2\] float32.*\[4, 3\] float32"):
         plan_transfers({0: {"w": WeightSpec((4, 2), "float32")}},

