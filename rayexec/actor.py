@@ -276,11 +276,11 @@ class RankActor:
             return self._run(name, lambda: fn(self.worker, *args, **kwargs))
         return self._run(method, lambda: getattr(self.worker, method)(*args, **kwargs))
 
-    def execute_framed(self, method: str | bytes, frame: bytes) -> Any:
-        """execute_method with its arguments in one wire frame (WorkerGroup.run_async
-        sends large host tensors this way): the tensors arrive as views of the frame,
-        this actor's own copy of it."""
-        args, kwargs = wire.unpack(frame)
+    def execute_framed(self, method: str | bytes, parts: tuple[bytes, list[Any]]) -> Any:
+        """execute_method with the arguments `wire.pack_call` split (WorkerGroup.run_async
+        sends large host tensors this way); the tensors are read-only views of Ray's
+        object store (see wire.unpack_call)."""
+        args, kwargs = wire.unpack_call(parts)
         return self.execute_method(method, *args, **kwargs)
 
     def run_step(self, message: Any, edge: str = "rpc") -> Any:

@@ -396,9 +396,9 @@ class WorkerGroup:
         # fails on the first rank, before anything runs anywhere.
         with unpicklable_is_clear(f"collective_rpc({method_name(method)!r})"):
             payload = method if isinstance(method, str) else cloudpickle.dumps(method)
-            frame = wire.pack_call(tuple(args), kwargs)
-            if frame is not None:  # large host tensors: one copy in the store for all
-                ref = ray.put(frame)
+            parts = wire.pack_call(tuple(args), kwargs)
+            if parts is not None:  # large host tensors: one copy in the store for all
+                ref = ray.put(parts)
                 return [actors[r].execute_framed.remote(payload, ref) for r in ranks]
             return [actors[r].execute_method.remote(payload, *args, **kwargs)
                     for r in ranks]
