@@ -196,7 +196,10 @@ def summarize(model: dict[str, Any]) -> None:
     pairs = {"rpc_rayexec_over_mp": ("collective_rpc/rayexec", "collective_rpc/mp"),
              "rpc_rayexec_over_mp_numpy": ("collective_rpc/rayexec+numpy",
                                            "collective_rpc/mp+numpy"),
-             "rpc_mp_over_direct": ("collective_rpc/mp", "direct/rayexec")}
+             "rpc_mp_over_direct": ("collective_rpc/mp", "direct/rayexec"),
+             # The most any path into rayexec's workers could gain over collective_rpc/mp:
+             # vLLM's reload_weights from weights already in the worker, no transfer.
+             "rpc_mp_over_reload_only": ("collective_rpc/mp", "reload_only/rayexec")}
     for key, (num, den) in pairs.items():
         a, b = rows.get(num, {}), rows.get(den, {})
         if "median_s" in a and "median_s" in b:

@@ -276,7 +276,8 @@ class RankActor:
             return self._run(name, lambda: fn(self.worker, *args, **kwargs))
         return self._run(method, lambda: getattr(self.worker, method)(*args, **kwargs))
 
-    def execute_framed(self, method: str | bytes, parts: tuple[bytes, list[Any]]) -> Any:
+    def execute_framed(self, method: str | bytes, parts: tuple[bytes, list[Any], list[Any]]
+                       ) -> Any:
         """execute_method with the arguments `wire.pack_call` split (WorkerGroup.run_async
         sends large host tensors this way); the tensors are read-only views of Ray's
         object store (see wire.unpack_call)."""

@@ -59,8 +59,8 @@ class _RayHandle(Exception):
 
 
 class _Pickler(cloudpickle.Pickler):
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+    def __init__(self, file: io.BytesIO, buffer_callback: Any = None) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback)
         self.tensors: list[torch.Tensor] = []
         self.refs: list[tuple[int, str, tuple[int, ...]]] = []  # one per tensor, in order
         self.size = 0  # bytes of tensor data so far, padding included
@@ -249,45 +249,55 @@ _RAY_HANDLES = ("ObjectRef", "ActorHandle")
 CALL_FRAME_MIN_BYTES = 1 << 20
 
 
-def pack_call(args: Any, kwargs: Any) -> tuple[bytes, list[Any]] | None:
+def pack_call(args: Any, kwargs: Any) -> tuple[bytes, list[Any], list[Any]] | None:
     """`(args, kwargs)` of a collective_rpc as (skeleton, one uint8 numpy view per host
-    tensor), when they carry at least CALL_FRAME_MIN_BYTES of host tensors and nothing
-    that only Ray may serialize (ObjectRefs, actor handles: Ray tracks who borrows
-    them); else None. The caller puts it in Ray's object store once for every rank.
+    tensor, the out-of-band buffers of anything else pickle 5 can send that way, such
+    as numpy arrays), when tensors and buffers hold at least CALL_FRAME_MIN_BYTES and
+    nothing in the arguments only Ray may serialize (ObjectRefs, actor handles: Ray
+    tracks who borrows them); else None. The caller puts it in Ray's object store
+    once for every rank.
 
     Why: Ray pickles a CPU tensor through torch's storage reducer (a torch.save into
-    bytes) once per receiving actor: 509 MiB of weights into two vLLM workers that
-    way took 2.4x vLLM's own mp executor (benchmarks/vllm_weight_update.py). Numpy
-    views are written into the object store by Ray's pickle5 path straight from the
-    tensors' memory and read back without a copy (`unpack_call`)."""
+    bytes) once per receiving actor, and any argument once per call: 509 MiB of
+    weights into two vLLM workers that way took 2.4x vLLM's own mp executor
+    (benchmarks/vllm_weight_update.py). The views are written into the object store
+    by Ray's pickle5 path straight from their memory and read back without a copy
+    (`unpack_call`)."""
+    buffers: list[Any] = []
     buf = io.BytesIO()
-    pickler = _Pickler(buf)
+    pickler = _Pickler(buf, buffer_callback=buffers.append)  # out of band: no copy here
     pickler.refuse_handles = True
     try:
         pickler.dump((args, kwargs))
     except (_OnDevice, _RayHandle):
         return None
-    if pickler.size < CALL_FRAME_MIN_BYTES:
+    if pickler.size + sum(b.raw().nbytes for b in buffers) < CALL_FRAME_MIN_BYTES:
         return None
     views = [(t if t.is_contiguous() else t.contiguous()).reshape(-1).view(torch.uint8).numpy()
              for t in pickler.tensors]
-    return bytes(buf.getbuffer()), views
+    return bytes(buf.getbuffer()), views, [_as_array(b) for b in buffers]
 
 
-def unpack_call(parts: tuple[bytes, list[Any]]) -> Any:
-    """The `(args, kwargs)` that `pack_call` split. Its tensors are views of the
-    buffers as received: from Ray's object store these are read-only memory that the
-    ranks on one node share, so a worker must copy such a tensor before writing to it
-    (as with numpy arrays from Ray's object store)."""
-    skeleton, views = parts
-    return _PartsUnpickler(io.BytesIO(skeleton), views).load()
+def _as_array(buffer: pickle.PickleBuffer) -> Any:
+    import numpy as np
+
+    return np.frombuffer(buffer.raw(), dtype=np.uint8)
+
+
+def unpack_call(parts: tuple[bytes, list[Any], list[Any]]) -> Any:
+    """The `(args, kwargs)` that `pack_call` split. Its tensors and arrays are views of
+    the buffers as received: from Ray's object store these are read-only memory that
+    the ranks on one node share, so a worker must copy one before writing to it (as
+    with numpy arrays from Ray's object store)."""
+    skeleton, views, buffers = parts
+    return _PartsUnpickler(io.BytesIO(skeleton), views, buffers).load()
 
 
 class _PartsUnpickler(pickle.Unpickler):
     """Tensors of a `pack_call` skeleton, each from its own buffer, in order."""
 
-    def __init__(self, file: io.BytesIO, views: list[Any]) -> None:
-        super().__init__(file)
+    def __init__(self, file: io.BytesIO, views: list[Any], buffers: list[Any]) -> None:
+        super().__init__(file, buffers=buffers)
         self.views, self.next = views, 0
 
     def persistent_load(self, pid: Any) -> torch.Tensor:

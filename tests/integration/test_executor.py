@@ -82,27 +82,32 @@ def test_collective_rpc_by_name_callable_and_ranks(ex):
 
 
 def _digest(worker, weights, note=None, ref=None):
-    """What a rank received: per name (dtype, shape, sum); the value behind ref[0]."""
+    """What a rank received: per name (type, dtype, shape, sum); the value behind
+    ref[0]."""
     import ray as ray_
 
-    out = {n: (str(t.dtype), tuple(t.shape), float(t.double().sum())) for n, t in
-           weights.items()}
+    out = {n: (type(t).__name__, str(t.dtype), tuple(t.shape),
+               float(torch.as_tensor(t).double().sum())) for n, t in weights.items()}
     return out, note, None if ref is None else ray_.get(ref[0])
 
 
 def test_large_tensor_arguments_arrive_whole_on_every_rank(ex):
-    """Above wire.CALL_FRAME_MIN_BYTES host tensors go as one frame put in the object
-    store once; with an ObjectRef among the arguments Ray's own path is kept."""
+    """Above wire.CALL_FRAME_MIN_BYTES host tensors and numpy arrays go as one
+    skeleton plus buffers put in the object store once; with an ObjectRef among the
+    arguments Ray's own path is kept."""
+    import numpy as np
     import ray
 
     from rayexec import wire
 
     weights = {"a": torch.arange(1 << 19, dtype=torch.float32).view(512, 1024),
                "b": torch.randn(1 << 20, dtype=torch.float32).to(torch.bfloat16)[::2],
-               "small": torch.ones(3, dtype=torch.int64)}
-    assert wire.pack_call((weights,), {"note": "x"}) is not None
-    want = {n: (str(t.dtype), tuple(t.shape), float(t.double().sum()))
-            for n, t in weights.items()}
+               "small": torch.ones(3, dtype=torch.int64),
+               "array": np.arange(1 << 18, dtype=np.float64).reshape(512, 512)}
+    parts = wire.pack_call((weights,), {"note": "x"})
+    assert parts is not None and len(parts[1]) == 3 and len(parts[2]) == 1
+    want = {n: (type(t).__name__, str(t.dtype), tuple(t.shape),
+                float(torch.as_tensor(t).double().sum())) for n, t in weights.items()}
     for got in ex.collective_rpc(_digest, args=(weights,), kwargs={"note": "x"}):
         assert got == (want, "x", None)
     refs = [ray.put(7)]  # nested, so Ray passes the ref itself, not its value

@@ -35,7 +35,7 @@ def test_each_update_path_changes_the_ids_and_restores_them(quick_run):
     assert model["status"] == "ok" and model["bytes"] > 0
     rows = model["rows"]
     for path in ("collective_rpc/mp", "collective_rpc/rayexec", "collective_rpc/mp+numpy",
-                 "collective_rpc/rayexec+numpy"):
+                 "collective_rpc/rayexec+numpy", "reload_only/rayexec"):
         row = rows[path]
         assert row["status"] == "ok", (path, row)
         assert len(row["seconds"]) == doc["settings"]["repeats"] == 1
@@ -53,6 +53,7 @@ def test_each_update_path_changes_the_ids_and_restores_them(quick_run):
         assert direct["status"] == "not available" and "update_weights" in direct["reason"]
     assert model["ratios"]["rpc_rayexec_over_mp"]["paired_median"] > 0
     assert model["ratios"]["rpc_rayexec_over_mp_numpy"]["paired_median"] > 0
+    assert model["ratios"]["rpc_mp_over_reload_only"]["paired_median"] > 0
 
 
 def test_the_weight_transfer_engines_and_the_verdict_are_reported(quick_run):
