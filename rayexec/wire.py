@@ -294,20 +294,22 @@ def unpack_call(parts: tuple[bytes, list[Any], list[Any]]) -> Any:
 
 
 class _PartsUnpickler(pickle.Unpickler):
-    """Tensors of a `pack_call` skeleton, each from its own buffer, in order."""
+    """Tensors of a `pack_call` skeleton, each from its own buffer. A tensor's first
+    reference comes in the order the buffers were made; a tensor referenced twice
+    (tied weights) has the same offset both times and comes back as one tensor."""
 
     def __init__(self, file: io.BytesIO, views: list[Any], buffers: list[Any]) -> None:
         super().__init__(file, buffers=buffers)
-        self.views, self.next = views, 0
+        self.views = iter(views)
+        self.loaded: dict[int, torch.Tensor] = {}  # offset -> tensor
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
-        _, dtype_name, shape = pid
-        view = self.views[self.next]
-        self.next += 1
-        dtype = _DTYPES[dtype_name]
-        if view.nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(view, dtype=dtype).view(shape)
+        offset, dtype_name, shape = pid
+        if offset not in self.loaded:
+            view, dtype = next(self.views), _DTYPES[dtype_name]
+            self.loaded[offset] = (torch.empty(shape, dtype=dtype) if view.nbytes == 0 else
+                                   torch.frombuffer(view, dtype=dtype).view(shape))
+        return self.loaded[offset]
 
 
 def is_frame(value: Any) -> bool:

@@ -154,3 +154,19 @@ def test_a_frame_above_rays_parallel_copy_size_reaches_the_reader_whole(local_ra
         ray.kill(stage)
     small = wire.pack((1, torch.ones(4)), channel=True)
     assert isinstance(small, bytes)  # below the size: Ray's raw bytes path as before
+
+
+def test_call_arguments_split_into_buffers_come_back_whole_and_shared_stays_shared():
+    import numpy as np
+
+    tied = torch.randn(1 << 18)
+    weights = {"embed": tied, "lm_head": tied, "other": torch.arange(10.0).view(2, 5)[:, ::2],
+               "array": np.arange(1 << 17, dtype=np.float64)}
+    parts = wire.pack_call((weights,), {"version": 3})
+    assert parts is not None and len(parts[1]) == 2 and len(parts[2]) == 1  # tied: once
+    (got,), kwargs = wire.unpack_call(parts)
+    assert kwargs == {"version": 3} and got["embed"] is got["lm_head"]
+    for name in ("embed", "other"):
+        assert torch.equal(got[name], weights[name])
+    assert np.array_equal(got["array"], weights["array"])
+    assert wire.pack_call(({"small": torch.ones(4)},), {}) is None  # below the size
