@@ -129,14 +129,18 @@ def pack(message: Any, reuse: bool = False, channel: bool = False) -> Any:
         channel and total > RAY_PARALLEL_COPY_BYTES) else b""
     size = len(prefix) + total
     frame = _POOL.take(size) if reuse and size >= REUSE_MIN_BYTES and _POOL.enabled else None
-    if frame is not None:
+    if frame is not None:  # the same bytes as the join below, padding zeroed too
         at = id(frame) + _BYTES_DATA_OFFSET
         ctypes.memmove(at, prefix + HEADER.pack(MAGIC, len(skeleton)) + skeleton,
                        len(prefix) + head)
-        at += len(prefix) + data_start
+        at += len(prefix)
+        ctypes.memset(at + head, 0, data_start - head)
+        written = 0
         for t, offset in zip(tensors, offsets):
+            ctypes.memset(at + data_start + written, 0, offset - written)
             if t.nbytes:
-                ctypes.memmove(at + offset, t.data_ptr(), t.nbytes)
+                ctypes.memmove(at + data_start + offset, t.data_ptr(), t.nbytes)
+            written = offset + t.nbytes
     else:
         parts: list[Any] = [prefix, HEADER.pack(MAGIC, len(skeleton)), skeleton]
         if tensors:
