@@ -3,27 +3,12 @@ importable module, so Ray workers load it by name)."""
 
 from __future__ import annotations
 
-import os
-
 from rayexec.integrations.vllm.trainer import HfTrainerWorker
 from rayexec.weights.plan import WeightSpec
+from tests.weight_workers import _DieOnAccess
 
 RENAMED = "model.layers.0.self_attn.q_proj.weight"
 RESHAPED = "model.layers.1.mlp.down_proj.weight"
-
-
-class _DieOnAccess(dict):
-    """weight_shards() of a rank that exits while the sync packs its `after`-th tensor."""
-
-    def __init__(self, items, after):
-        super().__init__(items)
-        self.left = after
-
-    def __getitem__(self, key):
-        self.left -= 1
-        if self.left < 0:
-            os._exit(1)
-        return super().__getitem__(key)
 
 
 class FaultyHfTrainer(HfTrainerWorker):
