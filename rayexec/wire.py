@@ -267,6 +267,8 @@ def pack_call(args: Any, kwargs: Any) -> tuple[bytes, list[Any], list[Any]] | No
     (benchmarks/vllm_weight_update.py). The views are written into the object store
     by Ray's pickle5 path straight from their memory and read back without a copy
     (`unpack_call`)."""
+    if not args and not kwargs:  # most calls: nothing to measure, nothing to pickle twice
+        return None
     buffers: list[Any] = []
     buf = io.BytesIO()
     pickler = _Pickler(buf, buffer_callback=buffers.append)  # out of band: no copy here
