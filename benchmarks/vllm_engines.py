@@ -110,6 +110,37 @@ def root_cause(stderr: str) -> str:
             return hits[0][-400:]
     return lines[-1][-400:] if lines else "no output"
 
+def run_child(cmd: list[str], out: Path, timeout: float, show: str = "",
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a benchmark child that writes its JSON result to `out`, showing only its
+    progress lines (prefixed with `show`), killed after `timeout` s: the result, or
+    {"status": "failed" | "timeout", "error"}."""
+    import json
+    import signal
+    import subprocess
+    import threading
+
+    with open(out.with_name(out.name + ".stderr"), "w+") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env=env)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:  # vLLM's logs; only the progress lines are shown
+                if line.startswith(PROGRESS):
+                    print(show + line[len(PROGRESS):], end="", flush=True)
+            code = proc.wait()
+        finally:
+            timer.cancel()
+        stderr.seek(0)
+        errors = stderr.read()
+    if code == 0 and out.exists():
+        return {"status": "ok", **json.loads(out.read_text())}
+    if code == -signal.SIGKILL:
+        return {"status": "timeout", "error": f"no result within {timeout}s"}
+    return {"status": "failed", "error": root_cause(errors)}
+
+
 
 @contextlib.contextmanager
 def stderr_to(path: Path) -> Iterator[None]:

@@ -46,12 +46,10 @@ import json
 import os
 import platform
 import random
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +58,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable a
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.vllm_engines import (  # noqa: E402
-    PROGRESS,
     build_tiny_llama,
-    root_cause,
+    run_child,
     run_interleaved,
     run_one,
 )
@@ -88,25 +85,7 @@ def run_child_process(args: argparse.Namespace, model: Path, tp: int, pp: int,
             f"--{k.replace('_', '-')}={getattr(args, k)}"
             for k in ("prompts", "prompt_len", "max_tokens", "repeats")] + [
             f"--micro-batches={args.micro_batches or pp}"]  # default: a batch per stage
-        timeout = CHILD_TIMEOUT_S * rounds * len(backends)
-        with open(Path(tmp) / "stderr.txt", "w+") as stderr:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
-            timer = threading.Timer(timeout, proc.kill)
-            timer.start()
-            try:
-                for line in proc.stdout:  # vLLM's logs; only the progress lines are shown
-                    if line.startswith(PROGRESS):
-                        print(line[len(PROGRESS):], end="", flush=True)
-                code = proc.wait()
-            finally:
-                timer.cancel()
-            stderr.seek(0)
-            errors = stderr.read()
-        if code == 0 and out.exists():
-            return {"status": "ok", **json.loads(out.read_text())}
-        if code == -signal.SIGKILL:
-            return {"status": "timeout", "error": f"no result within {timeout}s"}
-        return {"status": "failed", "error": root_cause(errors)}
+        return run_child(cmd, out, CHILD_TIMEOUT_S * rounds * len(backends))
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:

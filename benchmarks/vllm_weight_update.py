@@ -49,12 +49,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +118,7 @@ def write_b(model_dir: Path, out: Path, seed: int = 1) -> None:
 def run_model(name: str, model_dir: Path, b: Path, repeats: int) -> dict[str, Any]:
     """run_engines in a child process (vLLM spawns processes; each model gets a clean
     one): its result, or {"status": "failed" | "timeout", "error"}."""
-    from benchmarks.vllm_engines import root_cause
+    from benchmarks.vllm_engines import run_child
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -130,25 +127,7 @@ def run_model(name: str, model_dir: Path, b: Path, repeats: int) -> dict[str, An
         # Workers (mp's processes, Ray's actors) import this module by name.
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-        with open(Path(tmp) / "stderr.txt", "w+") as stderr:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                    env=env)
-            timer = threading.Timer(CHILD_TIMEOUT_S, proc.kill)
-            timer.start()
-            try:
-                for line in proc.stdout:
-                    if line.startswith("progress: "):
-                        print(f"[{name}] {line[10:]}", end="", flush=True)
-                code = proc.wait()
-            finally:
-                timer.cancel()
-            stderr.seek(0)
-            errors = stderr.read()
-        if code == 0 and out.exists():
-            return {"status": "ok", **json.loads(out.read_text())}
-        if code == -signal.SIGKILL:
-            return {"status": "timeout", "error": f"no result within {CHILD_TIMEOUT_S}s"}
-        return {"status": "failed", "error": root_cause(errors)}
+        return run_child(cmd, out, CHILD_TIMEOUT_S, show=f"[{name}] ", env=env)
 
 
 def weight_transfer_rows() -> dict[str, dict[str, str]]:
