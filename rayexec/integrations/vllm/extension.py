@@ -95,9 +95,11 @@ def load_source(source: Any, rank: int, timeout_s: float = WEIGHT_FETCH_TIMEOUT_
                 ) -> dict[str, Any]:
     """The state dict `source` (a path, safetensors bytes or a list of ObjectRefs;
     module docstring) stands for, fully fetched."""
-    import safetensors.torch
-
+    # safetensors is imported only for the sources that are safetensors: a list of
+    # ObjectRefs of tensor dicts needs nothing beyond Ray and torch.
     if isinstance(source, (bytes, bytearray, memoryview)):
+        import safetensors.torch
+
         return safetensors.torch.load(bytes(source))
     if isinstance(source, (str, os.PathLike)):
         files = _safetensors_files(os.fspath(source))
@@ -105,6 +107,8 @@ def load_source(source: Any, rank: int, timeout_s: float = WEIGHT_FETCH_TIMEOUT_
             raise WeightUpdateError(f"rank {rank}: no safetensors file at {os.fspath(source)!r} "
                                     f"(seen from this worker's node); pass a .safetensors "
                                     f"file or a directory holding them")
+        import safetensors.torch
+
         weights: dict[str, Any] = {}
         for f in files:
             weights.update(safetensors.torch.load_file(f))
@@ -118,7 +122,6 @@ def load_source(source: Any, rank: int, timeout_s: float = WEIGHT_FETCH_TIMEOUT_
 
 def _fetch_refs(refs: list[Any], rank: int, timeout_s: float) -> dict[str, Any]:
     import ray
-    import safetensors.torch
 
     try:
         parts = ray.get(refs, timeout=timeout_s)
@@ -134,7 +137,11 @@ def _fetch_refs(refs: list[Any], rank: int, timeout_s: float) -> dict[str, Any]:
             f"Nothing was loaded; the engine keeps its previous weights") from e
     weights: dict[str, Any] = {}
     for part in parts:
-        weights.update(safetensors.torch.load(part) if isinstance(part, bytes) else part)
+        if isinstance(part, bytes):
+            import safetensors.torch
+
+            part = safetensors.torch.load(part)
+        weights.update(part)
     return weights
 
 
