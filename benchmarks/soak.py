@@ -47,9 +47,13 @@ def rss_mb(kind: str = "VmRSS") -> float:
 
 def object_store_mb() -> float:
     """MB in use in the object store of the connected cluster."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    for line in memory_summary(stats_only=True).splitlines():
+    # The connected cluster's address: with none, Ray refuses when this machine runs
+    # several clusters (two test runs at once).
+    address = ray.get_runtime_context().gcs_address
+    for line in memory_summary(address=address, stats_only=True).splitlines():
         if "Plasma memory usage" in line:
             return float(line.split("usage")[1].split("MiB")[0])
     return float("nan")

@@ -5,7 +5,11 @@ trainer's weights into serving workers, and a floor with no Ray at all.
 
 Cells: total weights (MiB) x layout (trainer TP2 -> serving PP2, trainer DP2 ->
 serving TP2) x path:
-  rayexec       executor.update_weights(trainer): actor to actor over gloo, bucketed;
+  rayexec       executor.update_weights(trainer, via="process_group"): actor to actor
+                over gloo, bucketed;
+  rayexec_objects  executor.update_weights(trainer, via="object_store"): each trainer
+                rank puts what the node reads once, the serving ranks map it (what
+                via="auto" takes on one node);
   object_store  the driver fetches every trainer shard (Ray's object store), cuts
                 each serving rank's part and ray.put()s it to that rank;
   rpc_pickle    the same, each part cloudpickled to bytes and sent as a call argument;
@@ -196,8 +200,8 @@ def run_cell(layout: str, mib: int, repeats: int, have_safetensors: bool,
         tensor_parallel_size=2 if dst_kind == "tp" else 1, device="cpu",
         num_devices_per_worker=0.5))
     times: dict[str, list[float]] = {p: [] for p in
-                                     ("rayexec", "object_store", "rpc_pickle", "safetensors",
-                                      "floor")}
+                                     ("rayexec", "rayexec_objects", "object_store",
+                                      "rpc_pickle", "safetensors", "floor")}
     skipped = {} if have_safetensors else {"safetensors": "safetensors is not installed"}
     src_layout = dict(enumerate(trainer.run(lambda w: {n: s for n, (_, s) in
                                                        w.weight_shards().items()})))
@@ -211,12 +215,16 @@ def run_cell(layout: str, mib: int, repeats: int, have_safetensors: bool,
     try:
         expected = None
         for _ in range(repeats):
-            report = executor.update_weights(trainer, bucket_bytes=bucket)
+            report = executor.update_weights(trainer, bucket_bytes=bucket, via="process_group")
             times["rayexec"].append(report.seconds)
             peaks.append(max(report.peak_extra_bytes_by_actor))
             sums = executor.collective_rpc(checksum)
             expected = sums if expected is None else expected
             assert sums == expected, (sums, expected)
+            if "rayexec_objects" in paths:
+                report = executor.update_weights(trainer, via="object_store")
+                times["rayexec_objects"].append(report.seconds)
+                assert executor.collective_rpc(checksum) == expected
 
             if "object_store" not in paths:
                 times["floor"].append(floor_seconds(pair_bytes))
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         for mib in (int(s) for s in args.sizes.split(",")):
             for layout in args.layouts.split(","):
                 cell = run_cell(layout, mib, args.repeats, have_safetensors, args.bucket_mib,
-                                ("rayexec", "floor") if args.quick else ())
+                                ("rayexec", "rayexec_objects", "floor") if args.quick else ())
                 cells.append(cell)
                 print(format_row(cell), flush=True)
     finally:
@@ -303,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
 def format_row(cell: dict[str, Any]) -> str:
     p = cell["paths"]
     parts = [f"{cell['layout']:9s} {cell['total_mib']:5d} MiB"]
-    for name in ("rayexec", "object_store", "rpc_pickle", "safetensors", "floor"):
+    for name in ("rayexec", "rayexec_objects", "object_store", "rpc_pickle", "safetensors",
+                 "floor"):
         if name in p:
             parts.append(f"{name} {p[name]['median_s']:.3f}s "
                          f"[{p[name]['min_s']:.3f}-{p[name]['max_s']:.3f}] "

@@ -752,17 +752,19 @@ class RayDistributedExecutor:
 
     def update_weights(self, source: WorkerGroup | RayDistributedExecutor, *,
                        version: Any = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                       stage: bool = False, timeout: float | None = None) -> SyncReport:
+                       stage: bool = False, timeout: float | None = None,
+                       via: str = "auto") -> SyncReport:
         """Move `source`'s weights into the ranks, actor to actor, resharded to this
         executor's layout, between steps. Concurrent calls run one after another.
         On failure raises WeightSyncError; without `stage` steps are then refused
-        until a sync succeeds, with `stage` the old version keeps serving."""
+        until a sync succeeds, with `stage` the old version keeps serving. `via`:
+        "process_group", "object_store" or "auto" (rayexec/weights/sync.py)."""
         self._wait_until_serving()
         src = source._group if isinstance(source, RayDistributedExecutor) else source
         return serving.update(self._weights, self._parts.steps, self._group, src,
                               version=version, bucket_bytes=bucket_bytes, stage=stage,
                               timeout=timeout or self.config.rpc_timeout_s
-                              or DEFAULT_SYNC_TIMEOUT_S)
+                              or DEFAULT_SYNC_TIMEOUT_S, via=via)
 
     def sleep(self, level: int = 1) -> list[Any]:
         """Level 1 frees the workers' caches, level 2 caches and weights; steps are

@@ -49,6 +49,8 @@ class RLSetup:
     colocate: bool
     placement_group: Any = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    via: str = "auto"
+    """The weight sync's route (RayDistributedExecutor.update_weights(via=))."""
 
     @classmethod
     def start(cls, train_dp: int = 1, train_tp: int = 1, serve_pp: int = 1, serve_tp: int = 1,
@@ -103,7 +105,7 @@ class RLSetup:
         loss = self.trainer.run("train_step", (sequences,))[0]
         if self.colocate:
             self.executor.wake_up()
-        report = self.executor.update_weights(self.trainer, version=version)
+        report = self.executor.update_weights(self.trainer, version=version, via=self.via)
         out = generate(self.executor, self.prompts, self.max_new_tokens, return_logits=True)
         reference = ReferenceModel(self.model, device="cpu")
         # The check gathers the full weights through the driver; the sync never does.
@@ -114,6 +116,7 @@ class RLSetup:
         record = {
             "version": self.executor.weights_version, "loss": loss, "sync_s": report.seconds,
             "bytes": report.bytes, "bytes_by_source_rank": report.bytes_by_source_rank,
+            "route": report.route,
             "ids": out.token_ids, "reference_ids": ref.token_ids,
             "max_logit_diff": diff,
             "identical": out.token_ids == ref.token_ids and diff <= LOGITS_ATOL,

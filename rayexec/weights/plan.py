@@ -260,13 +260,18 @@ def _cells(cuts: list[list[int]]) -> Iterable[Box]:
 
 
 def plan_transfers(source: Layout, destination: Layout,
-                   same_process: Mapping[int, int] | None = None) -> WeightPlan:
+                   same_process: Mapping[int, int] | None = None,
+                   split_replicas: bool = True) -> WeightPlan:
     """Transfers that give every destination rank exactly the boxes it needs.
 
     `same_process` maps a destination rank to the source rank living in the same
-    process: what that source holds is copied locally and never sent."""
+    process: what that source holds is copied locally and never sent.
+    `split_replicas=False` sends each name from one holder where one holds what is
+    needed (names spread over the replicas by bytes) instead of cutting every piece
+    among its replicas: the object-store route then puts each tensor once, whole."""
     check_layouts(source, destination)
     same_process = dict(same_process or {})
+    chosen: dict[str, int] = {}  # name -> its one holder (split_replicas=False)
     load: dict[int, int] = defaultdict(int)
     transfers: list[Transfer] = []
     holders_of: dict[str, list[tuple[int, Box]]] = defaultdict(list)
@@ -292,6 +297,15 @@ def plan_transfers(source: Layout, destination: Layout,
                 if same_process.get(dst) in holders:
                     transfers.append(Transfer(name, same_process[dst], dst, cell,
                                               box_numel(cell) * spec.itemsize, local=True))
+                    continue
+                if not split_replicas:
+                    src = chosen.get(name)
+                    nbytes = box_numel(cell) * spec.itemsize
+                    if src not in holders:
+                        src = min(holders, key=lambda r: (load[r], r))
+                        chosen[name] = src
+                        load[src] += nbytes
+                    transfers.append(Transfer(name, src, dst, cell, nbytes))
                     continue
                 # Replicas share the sending: the piece is cut into one part per
                 # holder, each to the least loaded holder (then the lowest rank).

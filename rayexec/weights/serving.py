@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def update(state: WeightState, steps: StepQueue, dst: WorkerGroup, src: Any, *,
            version: Any = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES, stage: bool = False,
-           timeout: float) -> SyncReport:
+           timeout: float, via: str = "auto") -> SyncReport:
     if not isinstance(src, WorkerGroup):
         raise TypeError(f"update_weights(source=...) takes a WorkerGroup or a "
                         f"RayDistributedExecutor, got {type(src).__name__}")
@@ -37,9 +37,9 @@ def update(state: WeightState, steps: StepQueue, dst: WorkerGroup, src: Any, *,
         if version is None:
             version = state.version + 1 if isinstance(state.version, int) else 1
         report = sync_weights(state, dst, src, version=version, bucket_bytes=bucket_bytes,
-                              stage=stage, timeout=timeout)
-        logger.info("weights now at version %r (%.1f MiB in %.3fs)", version,
-                    report.bytes / 2**20, report.seconds)
+                              stage=stage, timeout=timeout, via=via)
+        logger.info("weights now at version %r (%.1f MiB in %.3fs, %s)", version,
+                    report.bytes / 2**20, report.seconds, report.route)
         return report
 
 

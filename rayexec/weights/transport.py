@@ -207,7 +207,7 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
                     region = None
                     if len(message) == 1:
                         tensor, spec = sources[message[0].name]
-                        region = _region(tensor.detach(), message[0].box, spec.box)
+                        region = box_view(tensor.detach(), message[0].box, spec.box)
                     if region is not None and region.is_contiguous():
                         wire = region.view(-1).view(torch.uint8)  # zero-copy
                     else:
@@ -224,7 +224,7 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
                     view = None
                     if len(message) == 1:
                         into, spec = target(message[0].name)
-                        view = _region(into, message[0].box, spec.box)
+                        view = box_view(into, message[0].box, spec.box)
                     if view is not None and view.is_contiguous():
                         wire = view.view(-1).view(torch.uint8)  # straight into place
                     else:
@@ -251,8 +251,8 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
                 into, spec = target(t.name)
                 if wire is not None:  # arrived in the buffer: copy it into place
                     dtype = into.dtype
-                    piece = _view(wire, offset, t.nbytes, dtype, _box_shape(t.box))
-                    _region(into, t.box, spec.box).copy_(piece)
+                    piece = _view(wire, offset, t.nbytes, dtype, box_shape(t.box))
+                    box_view(into, t.box, spec.box).copy_(piece)
                     offset += t.nbytes
                     continue
                 left = assembling[t.name][1] - box_numel(t.box)
@@ -276,7 +276,7 @@ def _run_sync(worker: Any, job: SyncJob) -> dict[str, Any]:
         for t in job.local:
             into, spec = target(t.name)
             tensor, held = sources[t.name]
-            mine, theirs = _region(into, t.box, spec.box), _region(tensor.detach(), t.box,
+            mine, theirs = box_view(into, t.box, spec.box), box_view(tensor.detach(), t.box,
                                                                    held.box)
             if mine.data_ptr() != theirs.data_ptr() or mine.stride() != theirs.stride():
                 mine.copy_(theirs)
@@ -314,11 +314,11 @@ def _tag(index: int, message: int) -> int:
     return index * MAX_MESSAGES + message
 
 
-def _box_shape(box: Box) -> tuple[int, ...]:
+def box_shape(box: Box) -> tuple[int, ...]:
     return tuple(b - a for a, b in box)
 
 
-def _region(tensor: torch.Tensor, box: Box, held: Box) -> torch.Tensor:
+def box_view(tensor: torch.Tensor, box: Box, held: Box) -> torch.Tensor:
     """The view of `tensor` (which holds the region `held`) for `box`."""
     return tensor[tuple(slice(a, b) for a, b in relative(box, held))]
 
@@ -328,7 +328,7 @@ def _pack(wire: torch.Tensor, message: tuple[Transfer, ...],
     offset = 0
     for t in message:
         tensor, spec = sources[t.name]
-        region = _region(tensor.detach(), t.box, spec.box)
+        region = box_view(tensor.detach(), t.box, spec.box)
         if offset % region.element_size() == 0:  # straight into the buffer
             wire[offset:offset + t.nbytes].view(region.dtype).view(region.shape).copy_(region)
         else:

@@ -1,11 +1,13 @@
 """Train -> serve weight sync on real Ray: exactness of the RL loop for trainer
-layouts DP1 / DP2 / TP2 and serving layouts 1x1, 1x2, 2x1, 2x2 (PP x TP); the
-trainer's DP and TP give the same weights; staged and unstaged failures; bad
-layouts; sleep / wake; concurrency; a closed executor."""
+layouts DP1 / DP2 / TP2 and serving layouts 1x1, 1x2, 2x1, 2x2 (PP x TP), over both
+routes (each serving and each trainer layout meets both); the trainer's DP and TP
+give the same weights; staged and unstaged failures on both routes; bad layouts;
+sleep / wake; concurrency; a closed executor; the object store left as it was."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -45,16 +47,27 @@ def serving(request, local_ray):
         yield ex
 
 
+ROUTES = ("object_store", "process_group")
+
+
 @pytest.mark.parametrize("trainer_layout", list(TRAINERS))
-def test_rl_loop_is_exact(serving, trainer_layout):
+def test_rl_loop_is_exact(serving, trainer_layout, request):
+    # The two routes alternate over the 4 x 3 cells, so that every serving layout and
+    # every trainer layout is synced by both. "auto" takes the object store here
+    # (one node, CPU, separate actors).
+    serving_layout = request.node.callspec.params["serving"]
+    cell = list(SERVING).index(serving_layout) + list(TRAINERS).index(trainer_layout)
+    route = ROUTES[cell % 2]
     trainer = start_trainer(*TRAINERS[trainer_layout])
     try:
-        rl = RLSetup(trainer, serving, TINY, make_prompts(4, 8, TINY["vocab_size"]), 6, False)
+        rl = RLSetup(trainer, serving, TINY, make_prompts(4, 8, TINY["vocab_size"]), 6, False,
+                     via="auto" if route == "object_store" else route)
         records = [rl.iteration(v) for v in (1, 2)]
     finally:
         trainer.shutdown()
     for r in records:
         assert r["identical"], (r["ids"], r["reference_ids"], r["max_logit_diff"])
+        assert r["route"] == route
     assert [r["version"] for r in records] == [1, 2] and serving.weights_version == 2
     assert records[0]["loss"] != records[1]["loss"]  # the trainer did train
     # The trainer's ranks share the sending (DP replicas and TP parts alike).
@@ -125,8 +138,9 @@ def test_shape_mismatch_names_the_weight_and_both_shapes(one_by_two):
         group.shutdown()
 
 
+@pytest.mark.parametrize("via", ROUTES)
 @pytest.mark.parametrize("stage", [True, False])
-def test_trainer_rank_killed_mid_sync(one_by_two, stage):
+def test_trainer_rank_killed_mid_sync(one_by_two, stage, via):
     good = start_trainer(1, 1)
     try:
         one_by_two.update_weights(good, version=10)
@@ -137,10 +151,16 @@ def test_trainer_rank_killed_mid_sync(one_by_two, stage):
     bad = start_trainer(2, 1, cls=BadTrainer, fault="die", die_rank=1, die_after=3)
     try:
         with pytest.raises(WeightSyncError, match=r"source rank 1 died") as err:
-            one_by_two.update_weights(bad, version=11, stage=stage, bucket_bytes=16 << 10)
+            one_by_two.update_weights(bad, version=11, stage=stage, bucket_bytes=16 << 10,
+                                      via=via)
     finally:
         bad.shutdown()
-    if stage:
+    if via == "object_store" and not stage:
+        # The source died while putting its objects, before any rank read one.
+        assert "Nothing was loaded" in str(err.value) and "version 10" in str(err.value)
+        assert one_by_two.weights_version == 10
+        assert step(one_by_two)[0] == served[0]
+    elif stage:
         assert "keeps serving version 10" in str(err.value)
         assert one_by_two.weights_version == 10
         ids, logits = step(one_by_two)
@@ -159,6 +179,36 @@ def test_trainer_rank_killed_mid_sync(one_by_two, stage):
             good.shutdown()
         assert one_by_two.weights_version == 12
         assert step(one_by_two)[0] == served[0]  # the same trainer weights as version 10
+
+
+def test_object_store_route_leaves_no_objects_behind(one_by_two):
+    from benchmarks.soak import object_store_mb
+
+    group = start_trainer(1, 1)
+    try:
+        before = object_store_mb()
+        reports = [one_by_two.update_weights(group, via="object_store", stage=stage)
+                   for stage in (True, False) * 3]
+        put_mb = reports[0].bytes / 2**20  # six syncs: a leak would be 6 x this
+        assert [r.route for r in reports] == ["object_store"] * 6 and put_mb > 0.5
+        # Measured while the trainer (the objects' owner) lives: its exit frees them.
+        deadline = time.monotonic() + 30  # Ray frees objects asynchronously
+        while object_store_mb() - before > put_mb / 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        after = object_store_mb()
+    finally:
+        group.shutdown()
+    assert after - before < put_mb / 2, (before, after, put_mb)
+
+
+def test_object_store_route_refuses_weights_not_on_cpu():
+    from rayexec.weights.sync import _route
+
+    where = {("src", 0): ("node", "cuda"), ("dst", 0): ("node", "cpu")}
+    with pytest.raises(ValueError, match=r"via='object_store'\) moves CPU tensors, but "
+                                         r"\['src rank 0: cuda'\]; use via='process_group'"):
+        _route("object_store", None, where, {})
+    assert _route("auto", None, where, {}) == "process_group"
 
 
 def test_concurrent_updates_run_one_after_the_other(one_by_two):

@@ -21,7 +21,7 @@ def test_weight_sync_benchmark_runs(tmp_path):
     assert not ray.is_initialized()
     (cell,) = json.loads(path.read_text())["cells"]
     assert cell["layout"] == "dp2->tp2" and cell["wire_bytes"] == 4 << 20
-    expected = {"rayexec", "object_store", "rpc_pickle", "floor"}
+    expected = {"rayexec", "rayexec_objects", "object_store", "rpc_pickle", "floor"}
     assert expected <= set(cell["paths"]) | set(cell["skipped"])
     for name, p in cell["paths"].items():
         assert len(p["seconds"]) == 1 and p["gb_per_s"] > 0, name

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from rayexec.integrations.vllm.weight_layout import full_shaped, region_of, spec_for
+from rayexec.integrations.vllm.weight_layout import enclosing, full_shaped, region_of, spec_for
 from rayexec.weights.plan import WeightSpec
 
 
@@ -66,3 +67,23 @@ def test_full_shaped_places_the_piece_and_fills_the_rest():
     assert torch.equal(full[:, 3:], piece) and torch.isnan(full[:, :3]).all()
     whole = torch.ones(2, 2)
     assert next(full_shaped({"n": whole}, {"n": WeightSpec((2, 2), "float32")}))[1] is whole
+
+
+@pytest.mark.parametrize(("dim", "index"), [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_a_piece_that_is_the_box_of_a_whole_tensor_is_passed_as_that_tensor(dim, index):
+    whole = torch.arange(24, dtype=torch.float32).view(4, 6)
+    spec = WeightSpec((4, 6), "float32", dim, 2, index)
+    piece = whole[tuple(slice(a, b) for a, b in spec.box)]
+    ((_, full),) = list(full_shaped({"w": piece}, {"w": spec}))
+    assert full.data_ptr() == whole.data_ptr() and torch.equal(full, whole)  # no copy
+    assert enclosing(piece.clone(), spec) is None  # its own memory: copied as before
+    # A test's NaN fill must still reach the loader: no reuse then.
+    ((_, filled),) = list(full_shaped({"w": piece}, {"w": spec}, fill=math.nan))
+    assert filled.data_ptr() != whole.data_ptr() and torch.isnan(filled).any()
+
+
+def test_a_piece_whose_storage_ends_inside_the_tensor_is_not_widened():
+    spec = WeightSpec((4, 6), "float32", 0, 2, 0)  # rows 0-1: the storage holds 12 of 24
+    buffer = torch.arange(14, dtype=torch.float32)  # a bit more than the box, not all
+    piece = buffer[:12].view(2, 6)
+    assert enclosing(piece, spec) is None

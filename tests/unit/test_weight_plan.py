@@ -67,11 +67,11 @@ def layouts(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(layouts(), st.integers(1, 64))
-def test_reassembled_tensors_equal_the_full_ones(case, bucket_bytes):
+@given(layouts(), st.integers(1, 64), st.booleans())
+def test_reassembled_tensors_equal_the_full_ones(case, bucket_bytes, split_replicas):
     shapes, source, destination = case
     full = full_tensors(shapes)
-    plan = plan_transfers(source, destination)
+    plan = plan_transfers(source, destination, split_replicas=split_replicas)
     got = {(r, n): np.full([b - a for a, b in s.box], np.nan, dtype=np.float32)
            for r, specs in destination.items() for n, s in specs.items()}
     count = {k: np.zeros(v.shape, dtype=int) for k, v in got.items()}

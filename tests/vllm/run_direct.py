@@ -9,6 +9,9 @@ the trainer on the generated sequences; `update_weights` with the part of every
 full-shaped tensor a rank did not receive filled with NaN (a loader that read it
 would turn the tokens to garbage); generate (`token_ids_after`); the trainer saves
 its weights as sent to --save (a fresh `mp` engine from there must agree).
+`--via` picks the sync's route (default auto: the object store on this machine);
+`--no-fill` leaves the unreceived part alone, so that a rank whose pieces are views
+of whole tensors in the object store loads those tensors as they are (no copy).
 `--errors` then tries three bad updates (a renamed tensor, a wrong shape, a trainer
 rank that dies midway) and generates after each (`errors`).
 `--engine-process` starts the engine core in its own process instead and only
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--save", required=True)
     parser.add_argument("--errors", action="store_true")
+    parser.add_argument("--via", default="auto")
+    parser.add_argument("--no-fill", action="store_true")
     parser.add_argument("--colocate", action="store_true")
     parser.add_argument("--engine-process", action="store_true",
                         help="engine core in its own process: record update_weights' refusal")
@@ -133,11 +138,12 @@ def main() -> None:
         # the trainer frees its gradients before vLLM works again.
         result["vllm_sleep_mode_available"] = current_platform.is_sleep_mode_available()
         result["trainer_freed_bytes"] = [r["freed_bytes"] for r in group.run("sleep", (1,))]
-    llm.collective_rpc("set_unreceived_fill", args=(float("nan"),))
+    if not args.no_fill:
+        llm.collective_rpc("set_unreceived_fill", args=(float("nan"),))
     from rayexec.integrations.vllm import update_weights
 
-    report = update_weights(llm, group, version=1)
-    result["update"] = {"seconds": report.seconds, "bytes": report.bytes,
+    report = update_weights(llm, group, version=1, via=args.via)
+    result["update"] = {"seconds": report.seconds, "bytes": report.bytes, "route": report.route,
                         "bytes_by_destination_rank": report.bytes_by_destination_rank,
                         "bytes_by_source_rank": report.bytes_by_source_rank}
     result["layouts"] = [{n: [s.dim, s.parts, s.index] for n, s in layout.items()}

@@ -9,6 +9,9 @@ loader that read beyond its slice would wreck the tokens. The trainer saves the
 weights it sent; a fresh `mp` engine started from that checkpoint (run_engine.py,
 same settings; the exactness argument is test_vllm_backend.py's) must generate
 the same greedy ids as the updated engine, which must differ from its ids before.
+Routes: TP=2 syncs through the object store with the NaN fill (every piece copied
+into a NaN-filled full tensor), PP=2 over gloo with the fill, TP=2 x PP=2 through the
+object store without it (each rank hands vLLM whole tensors mapped from the store).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ pytestmark = pytest.mark.vllm
 RUNNER = Path(__file__).with_name("run_direct.py")
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
+ROUTE = {"tp2": ("object_store", "--via", "auto"),
+         "pp2": ("process_group", "--via", "process_group"),
+         "tp2xpp2": ("object_store", "--via", "object_store", "--no-fill")}
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +77,15 @@ def direct_run(request, tiny_llama, tmp_path, tp2_with_errors) -> dict:
     tp, pp = LAYOUTS[request.param]
     if (tp, pp) == (2, 1):
         return tp2_with_errors  # the same engine also runs the error cases
-    return run_direct(tiny_llama, tmp_path, tp, pp)
+    return run_direct(tiny_llama, tmp_path, tp, pp, *ROUTE[request.param][1:])
 
 
 @pytest.mark.parametrize("direct_run", list(LAYOUTS), indirect=True)
 def test_direct_update_matches_a_fresh_mp_engine(direct_run, tmp_path):
     ours = direct_run
     tp, pp = ours["tp"], ours["pp"]
+    layout_name = next(k for k, v in LAYOUTS.items() if v == (tp, pp))
+    assert ours["update"]["route"] == ROUTE[layout_name][0]
     reference = run_engine(ours["checkpoint"], tmp_path, "mp", tp, pp)
 
     assert ours["token_ids_after"] != ours["token_ids_before"]  # the update took effect

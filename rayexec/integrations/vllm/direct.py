@@ -9,8 +9,11 @@ and the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0);
 `trainer_group` a rayexec `WorkerGroup` whose workers implement
 `weight_shards() -> {checkpoint name: (tensor, WeightSpec)}` in the engine's dtype
 (e.g. `HfTrainerWorker`, trainer.py). The sync is rayexec's (rayexec/weights/:
-the resharding plan, then gloo/NCCL point-to-point between the actors in rounds of
-at most `bucket_bytes` per pair, never through this process). It runs staged:
+the resharding plan, then the bytes between the actors, never through this
+process: on one node with CPU weights through Ray's object store, each tensor put
+once by the trainer and mapped by the vLLM workers without a copy, which hand it
+to vLLM's loader as is; else gloo/NCCL point-to-point in rounds of at most
+`bucket_bytes` per pair; `via=` picks one). It runs staged:
 each vLLM worker collects all of its slices, the driver checks every rank
 finished, and only then does every rank load them (VllmWorker.load_weights ->
 vLLM's reload_weights). So a wrong name or shape (refused while planning, before
@@ -54,12 +57,14 @@ def rayexec_executor(llm: Any) -> Any:
 
 
 def update_weights(llm: Any, source: WorkerGroup, *, version: Any = None,
-                   bucket_bytes: int | None = None, timeout: float | None = None) -> SyncReport:
+                   bucket_bytes: int | None = None, timeout: float | None = None,
+                   via: str = "auto") -> SyncReport:
     """Move `source`'s weights into `llm`'s vLLM workers (see the module docstring)
     and return rayexec's SyncReport (bytes per rank, seconds, rounds). `version`
     defaults to the previous one + 1; `bucket_bytes` bounds each message buffer
     (default 32 MiB); `timeout` bounds the whole sync (default
-    ExecutorConfig.rpc_timeout_s, else DEFAULT_SYNC_TIMEOUT_S). Raises
+    ExecutorConfig.rpc_timeout_s, else DEFAULT_SYNC_TIMEOUT_S); `via` the route
+    ("auto", "object_store", "process_group"; rayexec/weights/sync.py). Raises
     ValueError (names or shapes disagree: nothing moved) or WeightSyncError
     (a rank failed or died: nothing loaded); the engine keeps its weights."""
     executor = rayexec_executor(llm).rayexec
@@ -70,7 +75,7 @@ def update_weights(llm: Any, source: WorkerGroup, *, version: Any = None,
     try:
         report = executor.update_weights(
             source, version=version, bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES,
-            stage=True, timeout=bound)
+            stage=True, timeout=bound, via=via)
     except WeightSyncError as e:
         raise WeightSyncError(f"{e} (the wait was bounded by update_weights(timeout="
                               f"{bound:g}s), default ExecutorConfig.rpc_timeout_s or "

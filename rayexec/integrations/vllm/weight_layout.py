@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -192,14 +193,33 @@ def needed_regions(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]
 def full_shaped(pieces: Mapping[str, torch.Tensor], layout: Mapping[str, WeightSpec],
                 fill: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full-shaped tensor) with each received piece in its box; the rest is
-    left uninitialised, or set to `fill` (a test checks the loaders never read it)."""
+    left uninitialised, or set to `fill` (a test checks the loaders never read it).
+    A piece that already is the box of a whole tensor in its memory (the object-store
+    route maps whole tensors) is passed as that tensor, without a copy."""
     for name, piece in pieces.items():
         spec = layout[name]
         if spec.dim is None:
             yield name, piece
+            continue
+        whole = None if fill is not None else enclosing(piece, spec)
+        if whole is not None:
+            yield name, whole
             continue
         full = torch.empty(spec.shape, dtype=piece.dtype, device=piece.device)
         if fill is not None:
             full.fill_(fill)
         full[tuple(slice(a, b) for a, b in spec.box)] = piece
         yield name, full
+
+
+def enclosing(piece: torch.Tensor, spec: WeightSpec) -> torch.Tensor | None:
+    """The contiguous full-shaped tensor whose `spec.box` is `piece`, built on
+    piece's own storage, or None when the storage does not hold one there."""
+    strides = torch.empty(spec.shape, device="meta").stride()
+    if any(n > 1 and a != b for n, a, b in zip(piece.shape, piece.stride(), strides)):
+        return None
+    start = piece.storage_offset() - sum(a * s for (a, _), s in zip(spec.box, strides))
+    numel = math.prod(spec.shape)
+    if start < 0 or (start + numel) * piece.element_size() > piece.untyped_storage().nbytes():
+        return None
+    return piece.new_empty(0).set_(piece.untyped_storage(), start, spec.shape, strides)
