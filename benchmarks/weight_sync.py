@@ -66,10 +66,13 @@ class BenchTrainer:
                  *, kind: str, total_bytes: int) -> None:
         self.rank, self.kind = rank, kind
         self.shards = {}
-        for n, shape in specs(total_bytes).items():
+        for i, (n, shape) in enumerate(specs(total_bytes).items()):
             spec = source_spec(kind, n, shape, rank)
             box = spec.box
-            self.shards[n] = (torch.rand(tuple(b - a for a, b in box)), spec)
+            # Seeded by the name and the part, so DP replicas hold the same values and
+            # every route delivers the same weights.
+            gen = torch.Generator().manual_seed(i * 1000 + spec.index)
+            self.shards[n] = (torch.rand(tuple(b - a for a, b in box), generator=gen), spec)
 
     def weight_shards(self):
         return self.shards

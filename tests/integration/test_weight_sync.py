@@ -53,15 +53,14 @@ ROUTES = ("object_store", "process_group")
 @pytest.mark.parametrize("trainer_layout", list(TRAINERS))
 def test_rl_loop_is_exact(serving, trainer_layout, request):
     # The two routes alternate over the 4 x 3 cells, so that every serving layout and
-    # every trainer layout is synced by both. "auto" takes the object store here
-    # (one node, CPU, separate actors).
+    # every trainer layout is synced by both.
     serving_layout = request.node.callspec.params["serving"]
     cell = list(SERVING).index(serving_layout) + list(TRAINERS).index(trainer_layout)
     route = ROUTES[cell % 2]
     trainer = start_trainer(*TRAINERS[trainer_layout])
     try:
         rl = RLSetup(trainer, serving, TINY, make_prompts(4, 8, TINY["vocab_size"]), 6, False,
-                     via="auto" if route == "object_store" else route)
+                     via=route)
         records = [rl.iteration(v) for v in (1, 2)]
     finally:
         trainer.shutdown()
@@ -201,14 +200,31 @@ def test_object_store_route_leaves_no_objects_behind(one_by_two):
     assert after - before < put_mb / 2, (before, after, put_mb)
 
 
-def test_object_store_route_refuses_weights_not_on_cpu():
+def test_auto_takes_the_object_store_only_where_it_is_the_faster_route(local_ray):
+    from rayexec.weights.plan import WeightSpec, plan_transfers
     from rayexec.weights.sync import _route
 
-    where = {("src", 0): ("node", "cuda"), ("dst", 0): ("node", "cpu")}
+    node = local_ray.get_runtime_context().get_node_id()
+    whole = {0: {"w": WeightSpec((64, 8), "float32")}}
+    halves = {r: {"w": WeightSpec((64, 8), "float32", 0, 2, r)} for r in range(2)}
+
+    def route(src, dst, nodes=(node,), devices=("cpu", "cpu"), same=None, via="auto"):
+        plan = plan_transfers(src, dst, split_replicas=False)
+        where = {("src", r): (nodes[0], devices[0]) for r in src}
+        where.update({("dst", d): (nodes[-1], devices[1]) for d in dst})
+        return _route(via, plan, where, same or {})
+
+    assert route(whole, halves) == "object_store"  # TP destinations map one whole tensor
+    assert route(halves, whole) == "process_group"  # assembled from two sources' parts
+    assert route(whole, halves, nodes=(node, "other-node")) == "process_group"
+    assert route(whole, halves, devices=("cuda", "cpu")) == "process_group"
+    assert route(whole, halves, same={0: 0}) == "process_group"
+    huge = {0: {"w": WeightSpec((1 << 40,), "uint8")}}  # more than half the store
+    assert route(huge, huge) == "process_group"
+    assert route(halves, whole, via="object_store") == "object_store"  # asked for: taken
     with pytest.raises(ValueError, match=r"via='object_store'\) moves CPU tensors, but "
                                          r"\['src rank 0: cuda'\]; use via='process_group'"):
-        _route("object_store", None, where, {})
-    assert _route("auto", None, where, {}) == "process_group"
+        route(whole, halves, devices=("cuda", "cpu"), via="object_store")
 
 
 def test_concurrent_updates_run_one_after_the_other(one_by_two):
