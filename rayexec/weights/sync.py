@@ -156,7 +156,7 @@ def sync_weights(state: WeightState, dst: WorkerGroup, src: WorkerGroup, *, vers
         if route == "object_store":
             node_of = {d: where[("dst", d)][0] for d in dst_layout}
             return _sync_by_objects(state, dst, src, plan, node_of, version, stage,
-                                    deadline, bucket_bytes, start, started_wall)
+                                    timeout, deadline, bucket_bytes, start, started_wall)
     plan = plan_transfers(src_layout, dst_layout, same_process=same)
     rounds = schedule(plan, bucket_bytes)
 
@@ -253,8 +253,9 @@ def _object_store_bytes(node_id: str) -> float:
 
 
 def _sync_by_objects(state: WeightState, dst: WorkerGroup, src: WorkerGroup, plan: WeightPlan,
-                     node_of: dict[int, str], version: Any, stage: bool, deadline: float,
-                     bucket_bytes: int, start: float, started_wall: float) -> SyncReport:
+                     node_of: dict[int, str], version: Any, stage: bool, timeout: float,
+                     deadline: float, bucket_bytes: int, start: float, started_wall: float
+                     ) -> SyncReport:
     """The object-store route: sources put, then destinations map and load (or stage)."""
     regions = object_store.regions_by_source(plan, node_of)
     itemsize = {t.name: t.nbytes // max(1, box_numel(t.box)) for t in plan.transfers}
@@ -264,7 +265,7 @@ def _sync_by_objects(state: WeightState, dst: WorkerGroup, src: WorkerGroup, pla
     sources = sorted(regions)
     publish = cloudpickle.dumps(object_store.publish)
     refs = [src.actors[s].execute_method.remote(publish, regions[s]) for s in sources]
-    failure = _wait_all(refs, [f"source rank {s}" for s in sources], _left(deadline))
+    failure = _wait_all(refs, [f"source rank {s}" for s in sources], _left(deadline), timeout)
     if failure is not None:  # before any destination read anything: nothing changed
         served = state.version if state.status != "seeded" else "the seeded weights"
         raise WeightSyncError(f"weight sync to version {version!r} failed: {failure}. "
@@ -276,7 +277,8 @@ def _sync_by_objects(state: WeightState, dst: WorkerGroup, src: WorkerGroup, pla
     collect = cloudpickle.dumps(object_store.collect)
     ranks = sorted(jobs)
     refs = [dst.actors[d].execute_method.remote(collect, jobs[d]) for d in ranks]
-    failure = _wait_all(refs, [f"destination rank {d}" for d in ranks], _left(deadline))
+    failure = _wait_all(refs, [f"destination rank {d}" for d in ranks], _left(deadline),
+                        timeout)
     if failure is not None:
         _fail(state, dst, version, stage, failure, _left(deadline) or 1.0)
     results = dict(zip(ranks, ray.get(refs)))
@@ -314,9 +316,11 @@ def _finish(state: WeightState, dst: WorkerGroup, version: Any, stage: bool,
     state.set("synced", version)
 
 
-def _wait_all(refs: list[Any], labels: list[str], timeout: float) -> str | None:
+def _wait_all(refs: list[Any], labels: list[str], timeout: float,
+              bound: float | None = None) -> str | None:
     """None when every call succeeded; else what went wrong, a dead actor first (its
-    death explains its peers' "connection closed"), with the labels."""
+    death explains its peers' "connection closed"), with the labels. Waits at most
+    `timeout` (what is left of the sync's `bound`, which the message names)."""
     label_of = dict(zip(refs, labels))
     pending, deadline = list(refs), time.monotonic() + timeout
     died, failed = [], []
@@ -325,7 +329,7 @@ def _wait_all(refs: list[Any], labels: list[str], timeout: float) -> str | None:
                                   timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
             late = [label_of[r] for r in pending]
-            failed.append(f"{late} did not finish within timeout={timeout:g}s "
+            failed.append(f"{late} did not finish within timeout={bound or timeout:g}s "
                           f"(update_weights(timeout=) / ExecutorConfig.rpc_timeout_s / "
                           f"DEFAULT_SYNC_TIMEOUT_S)")
             break
