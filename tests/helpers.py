@@ -41,10 +41,15 @@ def live_worker_actors() -> set[str]:
     return live_actors(("RankActor",))
 
 
-def worker_pids() -> set[int]:
-    """Pids of every RankActor Ray knows of, dead or alive."""
-    return {int(a["Pid"]) for a in _actors().values()
-            if a["ActorClassName"] == "RankActor" and a.get("Pid")}
+def worker_pids() -> dict[int, float]:
+    """Pid -> start time (seconds since the epoch) of every RankActor Ray knows of,
+    dead or alive (the latest actor with that pid)."""
+    out: dict[int, float] = {}
+    for a in _actors().values():
+        if a["ActorClassName"] == "RankActor" and a.get("Pid"):
+            pid = int(a["Pid"])
+            out[pid] = max(out.get(pid, 0.0), float(a.get("StartTime") or 0) / 1000)
+    return out
 
 
 def live_placement_groups() -> set[str]:
@@ -65,9 +70,27 @@ def shm_entries() -> set[str]:
         return set()
 
 
-def shm_of(pids: set[int], names: set[str]) -> set[str]:
-    """The names among `names` that carry one of `pids` as a number of their own."""
-    return {n for n in names if pids & {int(x) for x in re.findall(r"\d+", n)}}
+def shm_of(pids: dict[int, float], names: set[str]) -> set[str]:
+    """The names among `names` that carry one of `pids` as a number of their own and
+    were made after that process's actor started. Pids are reused: on a machine that
+    has run many tests, /dev/shm can hold an entry an earlier, long-gone process with
+    the same pid left (a CI run failed on one)."""
+    out = set()
+    for name in names:
+        starts = [pids[int(x)] for x in re.findall(r"\d+", name) if int(x) in pids]
+        if starts and _made_at(name) >= min(starts) - SHM_CLOCK_SLACK_S:
+            out.add(name)
+    return out
+
+
+SHM_CLOCK_SLACK_S = 5.0  # the actor table's start time vs the file's change time
+
+
+def _made_at(name: str) -> float:
+    try:
+        return os.stat(os.path.join(SHM_DIR, name)).st_ctime
+    except OSError:  # gone meanwhile: not a leak
+        return float("-inf")
 
 
 @dataclass
