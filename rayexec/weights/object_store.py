@@ -50,6 +50,11 @@ def regions_by_source(plan: WeightPlan, node_of: Mapping[int, str]) -> dict[int,
     return {s: {n: dict(names) for n, names in by_node.items()} for s, by_node in out.items()}
 
 
+def itemsizes(plan: WeightPlan) -> dict[str, int]:
+    """name -> bytes per element, from the plan's transfers."""
+    return {t.name: t.nbytes // max(1, box_numel(t.box)) for t in plan.transfers}
+
+
 def put_bytes(regions: Mapping[int, Regions], itemsize: Mapping[str, int]) -> int:
     return sum(box_numel(box) * itemsize[name] for by_node in regions.values()
                for names in by_node.values() for name, box in names.items())

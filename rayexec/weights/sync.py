@@ -45,7 +45,7 @@ from ray.exceptions import RayActorError
 from rayexec.errors import ExecutorAsleepError, RayExecError, WeightSyncError
 from rayexec.group import WorkerGroup
 from rayexec.weights import object_store, transport
-from rayexec.weights.plan import WeightPlan, box_numel, plan_transfers, schedule
+from rayexec.weights.plan import WeightPlan, plan_transfers, schedule
 
 logger = logging.getLogger(__name__)
 
@@ -233,9 +233,9 @@ def _route(via: str, plan: WeightPlan, where: dict[tuple[str, int], tuple[str, s
         # process group, which receives each part in place (weight_sync benchmark,
         # TP2 -> PP2: 0.121 s against 0.090 s for 256 MiB).
         return "process_group"
-    itemsize = {t.name: t.nbytes // max(1, box_numel(t.box)) for t in plan.transfers}
     node_of = {d: where[("dst", d)][0] for d in plan.destination}
-    needed = object_store.put_bytes(object_store.regions_by_source(plan, node_of), itemsize)
+    needed = object_store.put_bytes(object_store.regions_by_source(plan, node_of),
+                                    object_store.itemsizes(plan))
     capacity = _object_store_bytes(next(iter(nodes)))
     if needed > OBJECT_STORE_SHARE * capacity:
         logger.info("weight sync: %.1f MiB would take more than %d%% of the node's object "
@@ -258,8 +258,7 @@ def _sync_by_objects(state: WeightState, dst: WorkerGroup, src: WorkerGroup, pla
                      ) -> SyncReport:
     """The object-store route: sources put, then destinations map and load (or stage)."""
     regions = object_store.regions_by_source(plan, node_of)
-    itemsize = {t.name: t.nbytes // max(1, box_numel(t.box)) for t in plan.transfers}
-    put = object_store.put_bytes(regions, itemsize)
+    put = object_store.put_bytes(regions, object_store.itemsizes(plan))
     logger.info("weight sync v%s through the object store: %d transfers, %.1f MiB put by %d "
                 "source rank(s)", version, len(plan.transfers), put / 2**20, len(regions))
     sources = sorted(regions)
