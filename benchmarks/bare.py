@@ -21,6 +21,8 @@ from typing import Any
 
 import ray
 
+from rayexec.dag import await_proxy
+
 VARIANTS = ("dict", "shm", "bytes", "numpy")
 TEARDOWN_S = 5.0  # Ray 2.60's teardown can hang after ~1 MiB payloads; then kill
 
@@ -69,6 +71,9 @@ class BareChain:
                     outs = [o.with_tensor_transport(transport="shm") for o in outs]
             graph = MultiOutputNode(outs)
         self.compiled = graph.experimental_compile(_buffer_size_bytes=buffer_size_bytes)
+        # As rayexec's graph does (dag.await_proxy), so that neither is timed while
+        # Ray starts the graph's proxy actor's process.
+        await_proxy(self.compiled, TEARDOWN_S * 12)
 
     def execute_model(self, nbytes: int) -> Any:
         outs = [ref.get() for ref in self.compiled.execute(nbytes)]  # read every result

@@ -277,7 +277,8 @@ class RayDistributedExecutor:
         frames = self.transport == "shm" and not self.platform.is_accelerator
         dag = ForwardDag(grid, self._edge_transport(), self.config.overlap_comm,
                          submit_timeout_s=self.config.execute_timeout_s, frames=frames,
-                         buffer_size_bytes=self.config.max_step_bytes)
+                         buffer_size_bytes=self.config.max_step_bytes,
+                         ready_timeout_s=self.config.init_timeout_s)
         with self._state_lock:
             closed = self._parts.closed
             if not closed:
