@@ -259,6 +259,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if floor_niceness is None:
         floor_niceness = ray_niceness if ray_niceness is not None else 0
     settings = Settings(args.iters, args.warmup, args.max_seconds, floor_niceness)
+    # rayexec's CPU graph raises this process's malloc thresholds (host_memory.py);
+    # set it before any mode runs, so that every mode's driver reads its outputs alike.
+    from rayexec import host_memory
+
+    keeps_freed_memory = host_memory.keep_freed_memory()
     import torch
 
     if args.driver_threads:
@@ -271,6 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": device, "channels": channels, "skipped": skipped,
         "ray_worker_niceness": ray_niceness, "floor_niceness": floor_niceness,
         "driver_torch_threads": torch.get_num_threads(),
+        "driver_keeps_freed_memory": keeps_freed_memory,
         "results": [], "errors": [],
     }
     plan = [(w, pp, tp, m, c) for r in range(args.repeat) for w in args.workloads

@@ -5,8 +5,10 @@ Two kinds:
   `ExecutorConfig.from_env()` (which calls `config_overrides()`); a value that does
   not parse raises ValueError naming the variable, the value and the format.
 - Process facts: `RAY_ADDRESS` (join this cluster instead of starting one),
-  `RAYEXEC_HOST_IP` (this node's address on multi-NIC machines) and the driver's
-  environment snapshot used for `env_prefixes_to_copy`.
+  `RAYEXEC_HOST_IP` (this node's address on multi-NIC machines),
+  `RAYEXEC_KEEP_FREED_MEMORY` (0 leaves the driver's malloc settings alone, see
+  host_memory.py) and the driver's environment snapshot used for
+  `env_prefixes_to_copy`.
 """
 
 from __future__ import annotations
@@ -100,6 +102,19 @@ def ray_address() -> str | None:
 def node_host_ip() -> str | None:
     """This process's node address override (RAYEXEC_HOST_IP), if set."""
     return os.environ.get("RAYEXEC_HOST_IP") or None
+
+
+def keep_freed_memory() -> bool:
+    """RAYEXEC_KEEP_FREED_MEMORY: whether rayexec may raise the driver's malloc
+    thresholds (host_memory.py); on unless set to 0/false/no/off."""
+    text = os.environ.get("RAYEXEC_KEEP_FREED_MEMORY", "")
+    if text.strip() == "":
+        return True
+    try:
+        return _bool(text)
+    except ValueError as e:
+        raise ValueError(f"environment variable RAYEXEC_KEEP_FREED_MEMORY={text!r} is invalid: "
+                         f"{e}; fix or unset it") from None
 
 
 def driver_environ() -> dict[str, str]:

@@ -56,6 +56,7 @@ from ray.exceptions import (
     RayTaskError,
 )
 
+from rayexec import host_memory
 from rayexec.config import ExecutorConfig
 from rayexec.contract import load_worker_cls
 from rayexec.dag import ForwardDag, check_compiled_graphs, resolve_transport
@@ -275,6 +276,8 @@ class RayDistributedExecutor:
         # CPU edges carry wire frames (bytes: Ray's cheapest channel path); tensors on
         # accelerators, and the gloo channel's, keep the edge's tensor transport.
         frames = self.transport == "shm" and not self.platform.is_accelerator
+        if frames:  # each step's output is a fresh host buffer in this process
+            host_memory.keep_freed_memory()
         dag = ForwardDag(grid, self._edge_transport(), self.config.overlap_comm,
                          submit_timeout_s=self.config.execute_timeout_s, frames=frames,
                          buffer_size_bytes=self.config.max_step_bytes,

@@ -1,14 +1,17 @@
-"""dag.await_proxy: a compiled graph is handed out with Ray's driver-side proxy actor
-up, so that its process start-up is not paid by the first steps; the wait is bounded."""
+"""What the executor does when it compiles the forward graph: it waits (bounded) for
+Ray's driver-side proxy actor, so that the proxy's process start-up is not paid by the
+first steps, and on CPU it keeps the driver's freed memory for the next step's output
+(host_memory.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import ray
 
-from rayexec import ExecutorConfig, RayDistributedExecutor, dag
+from rayexec import ExecutorConfig, RayDistributedExecutor, dag, host_memory
 from tests.workers import RecordingWorker
 
 
@@ -68,3 +71,15 @@ def test_the_executor_waits_for_its_graphs_proxy(local_ray, monkeypatch):
         [(proxy, timeout_s)] = seen
         assert timeout_s == 123.0
         assert ray.get(proxy.__ray_ready__.remote(), timeout=10) is True
+
+
+def test_a_cpu_graph_keeps_the_drivers_freed_memory(local_ray, monkeypatch):
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    config = ExecutorConfig(worker_cls=RecordingWorker, pipeline_parallel_size=2, device="cpu")
+    with RayDistributedExecutor(config) as executor:
+        executor.execute_model({"x": [1.0]})
+    assert calls == [1]
+    with RayDistributedExecutor(dataclasses.replace(config, forward="rpc")) as executor:
+        executor.execute_model({"x": [1.0]})
+    assert calls == [1]  # plain Ray calls build no graph: the driver's malloc is left alone
