@@ -25,6 +25,7 @@ from rayexec.dag import await_proxy
 
 VARIANTS = ("dict", "shm", "bytes", "numpy")
 TEARDOWN_S = 5.0  # Ray 2.60's teardown can hang after ~1 MiB payloads; then kill
+PROXY_READY_S = 60.0  # the bound on waiting for the graph's proxy actor (dag.await_proxy)
 
 
 class _BareActor:
@@ -73,7 +74,7 @@ class BareChain:
         self.compiled = graph.experimental_compile(_buffer_size_bytes=buffer_size_bytes)
         # As rayexec's graph does (dag.await_proxy), so that neither is timed while
         # Ray starts the graph's proxy actor's process.
-        await_proxy(self.compiled, TEARDOWN_S * 12)
+        await_proxy(self.compiled, PROXY_READY_S)
 
     def execute_model(self, nbytes: int) -> Any:
         outs = [ref.get() for ref in self.compiled.execute(nbytes)]  # read every result

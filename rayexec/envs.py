@@ -84,14 +84,18 @@ def config_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
         text = environ.get(var)
         if text is None or text == "":
             continue
-        try:
-            values[field_name] = parse(text)
-        except ValueError as e:
-            raise ValueError(
-                f"environment variable {var}={text!r} is invalid: expected {fmt} ({e}); "
-                f"fix or unset it"
-            ) from None
+        values[field_name] = _parsed(var, text, parse, fmt)
     return values
+
+
+def _parsed(var: str, text: str, parse: Callable[[str], Any], fmt: str) -> Any:
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise ValueError(
+            f"environment variable {var}={text!r} is invalid: expected {fmt} ({e}); "
+            f"fix or unset it"
+        ) from None
 
 
 def ray_address() -> str | None:
@@ -110,11 +114,7 @@ def keep_freed_memory() -> bool:
     text = os.environ.get("RAYEXEC_KEEP_FREED_MEMORY", "")
     if text.strip() == "":
         return True
-    try:
-        return _bool(text)
-    except ValueError as e:
-        raise ValueError(f"environment variable RAYEXEC_KEEP_FREED_MEMORY={text!r} is invalid: "
-                         f"{e}; fix or unset it") from None
+    return _parsed("RAYEXEC_KEEP_FREED_MEMORY", text, _bool, "a boolean (1/0)")
 
 
 def driver_environ() -> dict[str, str]:
