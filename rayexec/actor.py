@@ -312,9 +312,10 @@ class RankActor:
             out = None
         else:
             self.step_started, self.step_since = step, time.time()
-            try:
-                out = self._run("execute_model",
-                                lambda: self.worker.execute_model(batch, intermediate))
+            try:  # as _run does, without a closure per step
+                out = self.worker.execute_model(batch, intermediate)
+            except Exception as e:
+                raise self._worker_error("execute_model", e) from None
             finally:
                 self.step_finished = step
         result = out if self.is_last_stage else (step, batch, out)
@@ -332,11 +333,13 @@ class RankActor:
         try:
             return call()
         except Exception as e:
-            tb = traceback.format_exc()
-            logger.error("rank %s (%s): %s() raised\n%s", self.rank, self.get_node_ip(), method, tb)
-            raise WorkerError(
-                self.rank, self.get_node_ip(), method, type(e).__name__, str(e), tb
-            ) from None
+            raise self._worker_error(method, e) from None
+
+    def _worker_error(self, method: str, e: Exception) -> WorkerError:
+        """The WorkerError for `e`, raised by `method`; call it while handling `e`."""
+        tb = traceback.format_exc()
+        logger.error("rank %s (%s): %s() raised\n%s", self.rank, self.get_node_ip(), method, tb)
+        return WorkerError(self.rank, self.get_node_ip(), method, type(e).__name__, str(e), tb)
 
     # ---- observable while busy --------------------------------------------------------
     @ray.method(concurrency_group="control")

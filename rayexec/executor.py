@@ -66,7 +66,7 @@ from rayexec.errors import (
     WorkerDiedError,
 )
 from rayexec.futures import StepQueue
-from rayexec.group import Method, WorkerGroup, method_name, unpicklable_is_clear
+from rayexec.group import Method, WorkerGroup, method_name, unpicklable_error
 from rayexec.layout import RankPlan
 from rayexec.monitor import DeathMonitor
 from rayexec.park import IdleTimer, Park
@@ -407,26 +407,39 @@ class RayDistributedExecutor:
         submission order (see futures.py)."""
         self._check_usable()
         steps = self._parts.steps
-        with steps.lock, unpicklable_is_clear("execute_model(batch)"):
+        with steps.lock:
             self._check_open()  # a shutdown or restart may have run while we waited
             self._weights.check_servable()  # not between a failed sync and its verdict
             self._step_id += 1
             step = self._step_id
             self._last_busy = time.monotonic()
-            if self.config.forward == "dag":
-                self._parts.wake(self.config.execute_timeout_s)
-                try:
-                    dag = self._ensure_dag()
-                    refs = dag.execute(step, batch)
-                except RayChannelTimeoutError:  # stage 0 never took the input
-                    raise self._step_timeout(step) from None
-                except RayChannelError as e:  # torn down by Ray after a death
-                    raise self._died(e) from None
-                future = steps.submit(lambda: dag.output(self._fetch_dag(refs, step)))
-            else:
-                refs = self._submit_rpc(step, batch)
-                future = steps.submit(lambda: self._fetch_rpc(refs, step))
+            try:
+                fetch = (self._submit_dag(step, batch) if self.config.forward == "dag"
+                         else self._submit_rpc(step, batch))
+            except TypeError as e:
+                clear = unpicklable_error(e, "execute_model(batch)")
+                if clear is None:
+                    raise
+                raise clear from None
+            if not non_block and steps.empty():
+                # Nothing unread before it: fetched here, as fetch_through would (under
+                # the steps lock, in this thread), without a future nobody else sees.
+                return fetch()
+            future = steps.submit(fetch)
         return future if non_block else future.result()
+
+    def _submit_dag(self, step: int, batch: Any) -> Callable[[], Any]:
+        """Send one step into the graph; returns what fetches its output."""
+        if self._parts.parked:  # set and cleared under the steps lock, which we hold
+            self._parts.wake(self.config.execute_timeout_s)
+        try:
+            dag = self._ensure_dag()
+            refs = dag.execute(step, batch)
+        except RayChannelTimeoutError:  # stage 0 never took the input
+            raise self._step_timeout(step) from None
+        except RayChannelError as e:  # torn down by Ray after a death
+            raise self._died(e) from None
+        return lambda: dag.output(self._fetch_dag(refs, step))
 
     def _park_if_idle(self) -> float | None:
         """Park the DAG's workers when no step ran for idle_park_s (park.py); returns
@@ -483,12 +496,13 @@ class RayDistributedExecutor:
         progress = self._group.progress(PROGRESS_TIMEOUT_S)
         return all(isinstance(p, tuple) and p[1] >= self._step_id for p in progress)
 
-    def _submit_rpc(self, step: int, batch: Any) -> list[ray.ObjectRef]:
+    def _submit_rpc(self, step: int, batch: Any) -> Callable[[], Any]:
+        """Chain one step's plain Ray calls; returns what fetches its output."""
         grid = self.pp_tp_workers
         refs = [w.run_step.remote((step, batch)) for w in grid[0]]
         for stage in grid[1:]:
             refs = [w.run_step.remote(r) for w, r in zip(stage, refs)]
-        return refs
+        return lambda: self._fetch_rpc(refs, step)
 
     def _fetch_dag(self, refs: list[Any], step: int) -> Any:
         deadline = time.monotonic() + self.config.execute_timeout_s
@@ -715,11 +729,18 @@ class RayDistributedExecutor:
         self._check_open()
 
     def _check_usable(self) -> None:
-        self._wait_until_serving()
-        with self._state_lock:
-            dead = dict(self._dead)
-        if dead:
-            raise WorkerDiedError(list(dead), list(dead.values()), "died earlier")
+        # The common case first, cheaply (every step comes through here): serving, and
+        # no manual restart holding the lifecycle lock.
+        if self._serving.is_set() and self._lifecycle_lock.acquire(blocking=False):
+            self._lifecycle_lock.release()
+            self._check_open()
+        else:
+            self._wait_until_serving()
+        if self._dead:
+            with self._state_lock:
+                dead = dict(self._dead)
+            if dead:
+                raise WorkerDiedError(list(dead), list(dead.values()), "died earlier")
 
     def shutdown(self) -> None:
         """Tear down the DAG (bounded), kill the workers, remove a placement group we

@@ -122,6 +122,10 @@ class StepQueue:
         with self._pending_lock:
             return len(self._pending)
 
+    def empty(self) -> bool:
+        """No step is pending (submitted and not yet read)."""
+        return not self._pending
+
     def submit(self, fetch: Callable[[], Any]) -> StepFuture:
         future = StepFuture(self, fetch)
         with self._pending_lock:

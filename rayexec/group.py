@@ -77,14 +77,23 @@ def unpicklable_is_clear(what: str) -> Iterator[None]:
     try:
         yield
     except TypeError as e:
-        if "serialize" not in str(e) and "pickle" not in str(e):
+        clear = unpicklable_error(e, what)
+        if clear is None:
             raise
-        first = str(e).strip().splitlines()[0]
-        raise TypeError(
-            f"{what}: a value cannot be pickled to send to the workers ({first}). Pass "
-            f"picklable values (plain data, tensors), or create the object inside the worker "
-            f"(e.g. in a callable passed to collective_rpc)."
-        ) from None
+        raise clear from None
+
+
+def unpicklable_error(e: TypeError, what: str) -> TypeError | None:
+    """One clear TypeError naming `what` and the fix when `e` is a serialization
+    failure; None for any other TypeError."""
+    if "serialize" not in str(e) and "pickle" not in str(e):
+        return None
+    first = str(e).strip().splitlines()[0]
+    return TypeError(
+        f"{what}: a value cannot be pickled to send to the workers ({first}). Pass "
+        f"picklable values (plain data, tensors), or create the object inside the worker "
+        f"(e.g. in a callable passed to collective_rpc)."
+    )
 
 
 _oversubscribed_warned: set[tuple[int, int]] = set()
