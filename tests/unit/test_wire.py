@@ -175,3 +175,36 @@ def test_call_arguments_split_into_buffers_come_back_whole_and_shared_stays_shar
         assert torch.equal(got[name], weights[name])
     assert np.array_equal(got["array"], weights["array"])
     assert wire.pack_call(({"small": torch.ones(4)},), {}) is None  # below the size
+
+
+@pytest.mark.parametrize("message", [
+    (3, None, {}), {"a": torch.ones(2), 1: torch.ones(1)}, (1, [torch.ones(2)]), 2.5,
+    (True, "s", b"b", {"x": torch.ones(3, requires_grad=True)}), (torch.ones(2), torch.ones(2)),
+], ids=range(6))
+def test_messages_beside_the_common_shapes_round_trip_too(message):
+    """Empty dicts, non-str keys, tensors in lists, tensors needing grad take the
+    pickled form; plain values and tensors the flat one: both come back exactly."""
+    got = wire.unpack(wire.pack(message))
+    if isinstance(message, dict) and 1 in message:
+        assert got.keys() == message.keys() and all(torch.equal(got[k], message[k]) for k in got)
+    else:
+        assert_same(message, got)
+
+
+def test_what_plain_pickle_would_send_by_a_name_the_workers_lack_goes_by_value():
+    """A class named in the driver's `__main__` is not in a worker's (Ray's) `__main__`:
+    plain pickle would send only its name, so the frame carries it by value
+    (cloudpickle); so does a lambda, which plain pickle cannot send at all."""
+    import sys
+
+    main = sys.modules["__main__"]
+    cls = type("DriverScriptBatch", (), {"__module__": "__main__"})
+    main.DriverScriptBatch = cls  # plain pickle can find it here, by name
+    try:
+        frame = wire.pack((1, cls(), {"t": torch.ones(2)}))
+    finally:
+        delattr(main, "DriverScriptBatch")  # as on a worker
+    got = wire.unpack(frame)
+    assert type(got[1]).__name__ == "DriverScriptBatch" and torch.equal(got[2]["t"], torch.ones(2))
+    scale = 3
+    assert wire.unpack(wire.pack((2, lambda x: x * scale)))[1](2) == 6
