@@ -204,7 +204,8 @@ class ForwardDag:
         """Submit one step; returns one result ref per last-stage worker."""
         message = (step, batch)
         # reuse: execute writes the input into the channel (a copy) before it returns.
-        return self.compiled.execute(wire.pack(message, reuse=True) if self.frames else message)
+        return self.compiled.execute(
+            wire.pack(message, reuse=True, channel=True) if self.frames else message)
 
     def output(self, value: Any) -> Any:
         """The worker's output from what a result ref gave back."""

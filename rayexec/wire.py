@@ -274,6 +274,8 @@ def pack(message: Any, reuse: bool = False, channel: bool = False) -> Any:
     head = len(skeleton)
     data_start = head + (-head % ALIGN) if pairs else head
     total = data_start + data_size + TRAILER.size
+    if channel and pairs and total >= GATHER_MIN_BYTES:
+        return _gathered(skeleton, pairs, data_start, magic)
     prefix = _MSGPACK_BIN32.pack(0xC6, total) if (
         channel and total > RAY_PARALLEL_COPY_BYTES) else b""
     size = len(prefix) + total
@@ -333,6 +335,61 @@ def _single_copy(prefixed: bytes) -> Any:
 
     return MessagePackSerializedObject(ray_constants.OBJECT_METADATA_TYPE_CROSS_LANGUAGE,
                                        prefixed, [])
+
+
+# From GATHER_MIN_BYTES up, a frame leaves a stage as a `_Gathered` instead: Ray
+# pickles it (protocol 5) and writes each of its PickleBuffers into the channel
+# straight from the tensor's memory (Pickle5Writer's out-of-band buffers), where a
+# frame costs a copy of the tensors into it and then Ray's copy of the frame. The
+# reader's `_ungather` copies the pieces out of the channel into the same frame: one
+# copy, as for a frame. Below it the frame wins: Ray's pickle-5 path costs more per
+# message than the copy saves (docs/benchmarks.md has the measurement).
+GATHER_MIN_BYTES = 2 << 20
+GATHER_CHUNK_BYTES = RAY_PARALLEL_COPY_BYTES  # larger buffers get Ray's 6-thread copy
+
+
+class _Gathered:
+    """A frame's pieces for Ray's pickle-5 writer: the skeleton, padding and trailer
+    as bytes, each tensor's memory as out-of-band buffers of at most
+    GATHER_CHUNK_BYTES. Holds the tensors until Ray has written them."""
+
+    def __init__(self, parts: list[Any], tensors: list[torch.Tensor]) -> None:
+        self.parts, self.tensors = parts, tensors
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _ungather, tuple(p if type(p) is bytes else pickle.PickleBuffer(p)
+                                for p in self.parts)
+
+
+def _gathered(skeleton: bytes, pairs: list[tuple[torch.Tensor, int]], data_start: int,
+              magic: bytes) -> _Gathered:
+    parts: list[Any] = []
+    small = [skeleton]  # adjacent small pieces travel as one bytes part
+    written = len(skeleton)
+    tensors = []
+    for t, offset in pairs:
+        if not t.is_contiguous():
+            t = t.contiguous()
+        tensors.append(t)
+        small.append(_ZEROS[:data_start + offset - written])
+        view = _host_bytes(t)
+        if len(view) < REUSE_MIN_BYTES:  # a small tensor rides along in band
+            small.append(view)
+        else:
+            for at in range(0, len(view), GATHER_CHUNK_BYTES):
+                parts.append(b"".join(small))
+                small = []
+                parts.append(view[at:at + GATHER_CHUNK_BYTES])
+        written = data_start + offset + t.nbytes
+    small.append(TRAILER.pack(data_start, magic))
+    parts.append(b"".join(small))
+    return _Gathered([p for p in parts if len(p)], tensors)
+
+
+def _ungather(*parts: Any) -> bytes:
+    """The frame a `_Gathered` carried, copied out of Ray's channel (the buffers are
+    views of channel memory that Ray reuses for a later step; nothing may keep them)."""
+    return b"".join(parts)
 
 
 class _FramePool:

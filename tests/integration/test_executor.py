@@ -194,6 +194,22 @@ def test_one_megabyte_tensor_crosses_the_stage_edge_intact(ex):
     assert len(hints) == 2 and not any(isinstance(h, TorchTensorType) for h in hints)
 
 
+@pytest.mark.parametrize("mib", [1.5, 5])
+def test_large_inputs_and_intermediates_cross_every_edge_intact(ex, mib):
+    """Between 1 MiB and wire.GATHER_MIN_BYTES frames go to Ray as msgpack data; above
+    it as pickle-5 buffers written from the tensors' memory: the driver's input, the
+    stage edge and the output all arrive whole, step after step."""
+    from rayexec import wire
+
+    n = int(mib * (1 << 20)) // 4
+    assert (n * 4 >= wire.GATHER_MIN_BYTES) == (mib == 5)
+    blob = torch.arange(n, dtype=torch.float32)
+    for _ in range(3):
+        out = ex.execute_model({"x": [2.0], "tensor_elems": n, "blob": blob})
+        assert torch.equal(out["big"], blob)
+        assert out["h"].tolist() == [expected(2.0)]
+
+
 def test_dag_step_exception_is_a_worker_error_and_the_dag_keeps_working(ex):
     with pytest.raises(WorkerError) as info:
         ex.execute_model({"x": [1.0], "fail_rank": 1})

@@ -5,6 +5,7 @@ bytes path (no msgpack, no pickle) in its channels."""
 from __future__ import annotations
 
 import ctypes
+import pickle
 from dataclasses import dataclass
 
 import pytest
@@ -104,9 +105,9 @@ def test_a_frame_takes_rays_raw_bytes_path():
     assert isinstance(context.serialize(frame), RawSerializedObject)
 
 
-def big_message(fill: int):
-    t = torch.full((1 << 18,), fill, dtype=torch.float32)  # 1 MiB
-    return (7, "batch", {"t": t, "every_other": t.view(512, 512)[:, ::2], "small": t[:3]})
+def big_message(fill: int, mib: int = 1):
+    t = torch.full((mib << 18,), fill, dtype=torch.float32)  # `mib` MiB
+    return (7, "batch", {"t": t, "every_other": t.view(512, -1)[:, ::2], "small": t[:3]})
 
 
 def test_a_reused_frame_holds_the_same_bytes_as_a_fresh_one():
@@ -135,30 +136,52 @@ def test_a_frame_is_rewritten_only_once_nobody_holds_it():
     assert torch.equal(wire.unpack(third)[2]["t"], torch.full((1 << 18,), 3.0))
 
 
-def test_a_frame_above_rays_parallel_copy_size_reaches_the_reader_whole(local_ray):
+@pytest.mark.parametrize("mib", [1, 4])
+def test_a_large_frame_reaches_the_reader_whole_and_owned(local_ray, mib):
     """Above 1 MiB a stage's frame is handed to Ray as msgpack bin data (one memcpy,
-    not Ray's six-thread copy); the reader gets the very frame as bytes."""
+    not Ray's six-thread copy); from GATHER_MIN_BYTES up as pickle-5 buffers that Ray
+    writes from the tensors' memory and the reader joins into the frame. Either way
+    the reader gets the very frame as bytes of its own: holding more outputs than Ray
+    has channel buffers (max_inflight_executions, 10) does not stall the graph, as
+    holding Ray's zero-copy numpy outputs does."""
     import ray
     from ray.dag import InputNode
 
     @ray.remote(num_cpus=0)
     class Stage:
         def step(self, fill):
-            return wire.pack(big_message(fill), reuse=True, channel=True)
+            return wire.pack(big_message(fill, mib), reuse=True, channel=True)
 
+    sent = wire.pack(big_message(1, mib), channel=True)
+    assert isinstance(sent, wire._Gathered) == (mib == 4)
     stage = Stage.remote()
     with InputNode() as inp:
         graph = stage.step.bind(inp)
-    compiled = graph.experimental_compile(_buffer_size_bytes=4 << 20)
+    compiled = graph.experimental_compile(_buffer_size_bytes=8 << 20)
     try:
-        for fill in (1, 2, 3):  # the third reuses the first's frame
-            frame = compiled.execute(fill).get(timeout=60)
-            assert isinstance(frame, bytes) and frame == wire.pack(big_message(fill))
+        held = [compiled.execute(fill).get(timeout=60) for fill in range(1, 13)]
+        for fill, frame in enumerate(held, 1):  # frames reused by the sender, too
+            assert isinstance(frame, bytes) and frame == wire.pack(big_message(fill, mib))
     finally:
         compiled.teardown()
         ray.kill(stage)
     small = wire.pack((1, torch.ones(4)), channel=True)
     assert isinstance(small, bytes)  # below the size: Ray's raw bytes path as before
+
+
+def test_a_gathered_frame_sends_tensor_memory_out_of_band_and_joins_back():
+    """What Ray's pickle-5 writer does with a `_Gathered`: the tensors' bytes go out
+    of band, in pieces of at most GATHER_CHUNK_BYTES (Ray copies larger ones with six
+    threads), and loading joins them into the frame `pack` makes."""
+    message = big_message(5, 4)  # 4 MiB + 2 MiB (a strided view, made contiguous) + 12 B
+    gathered = wire.pack(message, channel=True)
+    buffers = []
+    inband = pickle.dumps(gathered, protocol=5, buffer_callback=buffers.append)
+    assert len(inband) < 4096 and len(buffers) == 6  # 4 + 2 pieces of 1 MiB; 12 B in band
+    assert all(b.raw().nbytes <= wire.GATHER_CHUNK_BYTES for b in buffers)
+    frame = pickle.loads(inband, buffers=buffers)
+    assert frame == wire.pack(message)
+    assert_same(message, wire.unpack(frame))
 
 
 def test_call_arguments_split_into_buffers_come_back_whole_and_shared_stays_shared():
