@@ -9,15 +9,17 @@ CPU edges rayexec sends every message -- the driver's `(step, batch)`, a stage's
 
     skeleton (pickle) | pad to 64 | tensor bytes | pad | ... | data start | MAGIC
 
-The skeleton is the message pickled with every plain CPU tensor replaced by a call
-that names where its bytes lie in the data after it (offset, dtype, shape). It is
-plain (C) pickle when that can carry the message, cloudpickle otherwise (classes
-and functions defined in `__main__`, lambdas, local classes): plain pickle costs a
-fraction (4 KiB stage message: 7.7 us packed with cloudpickle every time, under 3
-with this). `unpack` rebuilds the tensors as views of the frame: no copy on the
-receiving side. A message holding a tensor on another device (CUDA,
-NPU, meta) is not framed: `pack` returns it unchanged, and it takes the edge's
-tensor transport (NCCL, gloo or Ray's shm).
+The skeleton takes one of two forms. What a step's edges mostly carry -- a tuple of
+plain values, host tensors and str-keyed dicts of host tensors -- is flattened into
+one plain pickle of the values plus a table of (offset, dtype, shape) per tensor
+(MAGIC_FLAT, `_flatten`). Anything else is pickled with every plain CPU tensor
+replaced by a call naming where its bytes lie (MAGIC, `_dump`): C pickle when that
+can carry the message, cloudpickle otherwise (classes and functions defined in
+`__main__`, lambdas, local classes). Measured alone, a 4 KiB stage message took
+7.7 us to pack with cloudpickle and takes about 3.5 flattened. `unpack` rebuilds
+the tensors as views of the frame: no copy on the receiving side. A message holding
+a tensor on another device (CUDA, NPU, meta) is not framed: `pack` returns it
+unchanged, and it takes the edge's tensor transport (NCCL, gloo or Ray's shm).
 
 Tensors rebuilt from a frame share memory with it. The frame belongs to the step that
 received it, so writing to them in place is safe; it just must not be expected to
@@ -274,8 +276,6 @@ def pack(message: Any, reuse: bool = False, channel: bool = False) -> Any:
     head = len(skeleton)
     data_start = head + (-head % ALIGN) if pairs else head
     total = data_start + data_size + TRAILER.size
-    if channel and pairs and total >= GATHER_MIN_BYTES:
-        return _gathered(skeleton, pairs, data_start, magic)
     prefix = _MSGPACK_BIN32.pack(0xC6, total) if (
         channel and total > RAY_PARALLEL_COPY_BYTES) else b""
     size = len(prefix) + total
@@ -335,61 +335,6 @@ def _single_copy(prefixed: bytes) -> Any:
 
     return MessagePackSerializedObject(ray_constants.OBJECT_METADATA_TYPE_CROSS_LANGUAGE,
                                        prefixed, [])
-
-
-# From GATHER_MIN_BYTES up, a frame leaves a stage as a `_Gathered` instead: Ray
-# pickles it (protocol 5) and writes each of its PickleBuffers into the channel
-# straight from the tensor's memory (Pickle5Writer's out-of-band buffers), where a
-# frame costs a copy of the tensors into it and then Ray's copy of the frame. The
-# reader's `_ungather` copies the pieces out of the channel into the same frame: one
-# copy, as for a frame. Below it the frame wins: Ray's pickle-5 path costs more per
-# message than the copy saves (docs/benchmarks.md has the measurement).
-GATHER_MIN_BYTES = 2 << 20
-GATHER_CHUNK_BYTES = RAY_PARALLEL_COPY_BYTES  # larger buffers get Ray's 6-thread copy
-
-
-class _Gathered:
-    """A frame's pieces for Ray's pickle-5 writer: the skeleton, padding and trailer
-    as bytes, each tensor's memory as out-of-band buffers of at most
-    GATHER_CHUNK_BYTES. Holds the tensors until Ray has written them."""
-
-    def __init__(self, parts: list[Any], tensors: list[torch.Tensor]) -> None:
-        self.parts, self.tensors = parts, tensors
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _ungather, tuple(p if type(p) is bytes else pickle.PickleBuffer(p)
-                                for p in self.parts)
-
-
-def _gathered(skeleton: bytes, pairs: list[tuple[torch.Tensor, int]], data_start: int,
-              magic: bytes) -> _Gathered:
-    parts: list[Any] = []
-    small = [skeleton]  # adjacent small pieces travel as one bytes part
-    written = len(skeleton)
-    tensors = []
-    for t, offset in pairs:
-        if not t.is_contiguous():
-            t = t.contiguous()
-        tensors.append(t)
-        small.append(_ZEROS[:data_start + offset - written])
-        view = _host_bytes(t)
-        if len(view) < REUSE_MIN_BYTES:  # a small tensor rides along in band
-            small.append(view)
-        else:
-            for at in range(0, len(view), GATHER_CHUNK_BYTES):
-                parts.append(b"".join(small))
-                small = []
-                parts.append(view[at:at + GATHER_CHUNK_BYTES])
-        written = data_start + offset + t.nbytes
-    small.append(TRAILER.pack(data_start, magic))
-    parts.append(b"".join(small))
-    return _Gathered([p for p in parts if len(p)], tensors)
-
-
-def _ungather(*parts: Any) -> bytes:
-    """The frame a `_Gathered` carried, copied out of Ray's channel (the buffers are
-    views of channel memory that Ray reuses for a later step; nothing may keep them)."""
-    return b"".join(parts)
 
 
 class _FramePool:
