@@ -16,7 +16,7 @@ one plain pickle of the values plus a table of (offset, dtype, shape) per tensor
 replaced by a call naming where its bytes lie (MAGIC, `_dump`): C pickle when that
 can carry the message, cloudpickle otherwise (classes and functions defined in
 `__main__`, lambdas, local classes). Measured alone, a 4 KiB stage message took
-7.7 us to pack with cloudpickle and takes about 3.5 flattened. `unpack` rebuilds
+7.7 us to pack with cloudpickle and takes about 4 flattened. `unpack` rebuilds
 the tensors as views of the frame: no copy on the receiving side. A message holding
 a tensor on another device (CUDA, NPU, meta) is not framed: `pack` returns it
 unchanged, and it takes the edge's tensor transport (NCCL, gloo or Ray's shm).
