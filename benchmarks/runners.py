@@ -118,6 +118,14 @@ class LocalChain:
         return outs[0]
 
 
+# The bounds of one cell's executor. A step here takes well under a second and setup
+# well under a minute, so a cell that stalls fails with rayexec's timeout error (which
+# names the rank and what it waited for) and the run goes on to the next cell, instead
+# of waiting out the executor's defaults (init 600 s, then 300 s a step). One full run
+# on 2026-12-07 sat 15 minutes in one cell with its four workers polling.
+CELL_BOUNDS = {"init_timeout_s": 120.0, "execute_timeout_s": 60.0}
+
+
 @dataclass(frozen=True)
 class Workload:
     """How to build a target for one workload and which batches to time on it."""
@@ -134,10 +142,11 @@ class Workload:
             return ExecutorConfig(
                 worker_cls=EchoWorker, pipeline_parallel_size=pp, tensor_parallel_size=tp,
                 worker_kwargs={"pipeline_parallel_size": pp, "device": self.device},
-                device=executor_device, channel=channel, forward=forward, **share)
+                device=executor_device, channel=channel, forward=forward, **share,
+                **CELL_BOUNDS)
         return decoder_executor_config(pp, tp, model=MODEL_PRESET, seed=0,
                                        device=executor_device, channel=channel, forward=forward,
-                                       **share)
+                                       **share, **CELL_BOUNDS)
 
     def local_target(self, pp: int, tp: int) -> Any:
         if self.name == "echo":

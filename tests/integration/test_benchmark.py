@@ -158,6 +158,21 @@ def test_payload_sizes_and_bad_flags() -> None:
     assert cells == [(4, 1)] and "8 workers" in skipped[0]
 
 
+def test_every_cell_is_bounded_well_under_the_executor_defaults() -> None:
+    """A stalled cell must fail in minutes (rayexec's timeout error) and let the run go
+    on, not hold it for the defaults' 600 s of setup and 300 s a step."""
+    import dataclasses
+
+    from benchmarks.runners import CELL_BOUNDS, Workload
+    from rayexec import ExecutorConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ExecutorConfig)}
+    for name in ("echo", "model"):
+        config = Workload(name, (4096,), "cpu").config(2, 1, "dag", "shm")
+        for field in ("init_timeout_s", "execute_timeout_s"):
+            assert getattr(config, field) == CELL_BOUNDS[field] < defaults[field] / 4
+
+
 def test_idle_park_script_runs_and_parked_workers_use_less_cpu(tmp_path: Path) -> None:
     """benchmarks/idle_park.py, shortest run: both settings measured, JSON written.
     A CPU-use comparison, not a timing: polling workers spin on a core each, parked
