@@ -119,10 +119,11 @@ class LocalChain:
 
 
 # The bounds of one cell's executor. A step here takes well under a second and setup
-# well under a minute, so a cell that stalls fails with rayexec's timeout error (which
-# names the rank and what it waited for) and the run goes on to the next cell, instead
-# of waiting out the executor's defaults (init 600 s, then 300 s a step). One full run
-# on 2026-12-07 sat 15 minutes in one cell with its four workers polling.
+# well under a minute, so a cell stalled in one of rayexec's or Ray's bounded waits
+# fails with rayexec's timeout error (naming the rank and what it waited for) and the
+# run goes on to the next cell, instead of waiting out the executor's defaults (init
+# 600 s, then 300 s a step). A thread blocked inside the kernel is beyond any timeout
+# (docs/benchmarks.md, 2026-12-07).
 CELL_BOUNDS = {"init_timeout_s": 120.0, "execute_timeout_s": 60.0}
 
 
