@@ -29,6 +29,7 @@ Not here: the modes themselves (runners.py, floor.py) or the formatting (report.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.metadata
 import json
 import logging
@@ -70,6 +71,9 @@ UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
          "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
 # Cheap modes first, so a cell's Ray-free references are in before the Ray runs.
 MODE_ORDER = ("local", "floor", "rpc", "bare", "dag")
+# A cell takes about a minute at most here, setup included; one still running after
+# this prints its threads' stacks (a stall then says where it sits).
+CELL_STACKS_AFTER_S = 300.0
 
 
 def parse_size(text: str) -> int:
@@ -287,6 +291,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i, (name, pp, tp, mode, channel) in enumerate(plan, 1):
             workload = Workload(name, tuple(args.payloads), device, args.gpus_per_worker)
             what = f"{mode} {name} PP={pp} x TP={tp}" + (f" [{channel}]" if channel else "")
+            # A cell still running after CELL_STACKS_AFTER_S prints every thread's Python
+            # stack to stderr (and again each period), so a stall says where it sits.
+            faulthandler.dump_traceback_later(CELL_STACKS_AFTER_S, repeat=True)
             try:
                 records = run_configuration(mode, workload, pp, tp, channel or channels[0],
                                             settings)
@@ -295,6 +302,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 doc["errors"].append({"mode": mode, "workload": name, "pp": pp, "tp": tp,
                                       "channel": channel, "error": f"{type(e).__name__}: {e}"})
                 continue
+            finally:
+                faulthandler.cancel_dump_traceback_later()
             for r in records:
                 print(f"[{i}/{len(plan)}] {what} {report.human_bytes(r['payload_bytes'])}: "
                       f"median {r['median_us']:.0f} us, p90 {r['p90_us']:.0f}, p99 "

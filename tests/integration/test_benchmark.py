@@ -144,6 +144,32 @@ def test_main_in_process_floor_and_local(tmp_path: Path) -> None:
     assert len({tuple(r["output_digest"]) for r in model}) == 1  # same tokens everywhere
 
 
+def test_a_cell_running_long_prints_its_stacks_and_only_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from benchmarks import pp_tp_latency
+
+    real = pp_tp_latency.run_configuration
+
+    def slow_cell(*args: object) -> object:  # the real cell, then a stall of 0.5 s
+        records = real(*args)
+        time.sleep(0.5)
+        return records
+
+    monkeypatch.setattr(pp_tp_latency, "run_configuration", slow_cell)
+    monkeypatch.setattr(pp_tp_latency, "CELL_STACKS_AFTER_S", 0.2)
+    code = pp_tp_latency.main(["--pp", "1", "--tp", "1", "--payloads", "4k", "--modes",
+                               "floor", "--workloads", "echo", *FAST, "--no-plot", "--out",
+                               str(tmp_path / "floor.json")])
+    assert code == 0
+    err = capfd.readouterr().err
+    assert "Timeout (0:00:00.2" in err and "slow_cell" in err
+    time.sleep(0.3)
+    assert "Timeout (" not in capfd.readouterr().err  # cancelled once the cell ended
+
+
 def test_payload_sizes_and_bad_flags() -> None:
     from benchmarks import pp_tp_latency
 
