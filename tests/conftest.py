@@ -1,5 +1,6 @@
 """Shared test set-up: GPU / vLLM markers that skip with a reason, Ray fixtures
-that always shut Ray down, and the leak check every integration test ends with."""
+that always shut Ray down, the leak check every integration test ends with, and
+the list of tests that take over a minute without the `slow` mark."""
 
 from __future__ import annotations
 
@@ -37,6 +38,29 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("vllm") is not None and not have_vllm:
             item.add_marker(pytest.mark.skip(
                 reason="vLLM is not installed (pip install -e '.[vllm]')"))
+
+
+# `-m "not slow"` (docs/development.md) leaves out the tests marked slow; a test
+# that takes longer than this here without the mark is named at the end of the run.
+SLOW_S = 60.0
+_seconds: dict[str, float] = {}
+_unmarked: set[str] = set()
+
+
+def pytest_runtest_logreport(report):
+    if report.when in ("setup", "call"):
+        _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+        if "slow" not in report.keywords:
+            _unmarked.add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    over = sorted((s, n) for n, s in _seconds.items() if n in _unmarked and s > SLOW_S)
+    if over:
+        terminalreporter.write_sep("-", f"over {SLOW_S:.0f} s (setup + call) without "
+                                        "@pytest.mark.slow: add it, or make the test faster")
+        for seconds, nodeid in reversed(over):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
 
 
 @pytest.fixture(scope="module")

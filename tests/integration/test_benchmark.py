@@ -68,6 +68,7 @@ def check_document(doc: dict, modes: list[str], workloads: list[str], cells: lis
             assert row[f"{mode}_median_us"] is not None, row
 
 
+@pytest.mark.slow  # every mode's executors, one after another
 def test_script_quick_run_all_modes(tmp_path: Path) -> None:
     from benchmarks import pp_tp_latency
 

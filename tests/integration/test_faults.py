@@ -28,6 +28,7 @@ SCHEDULES_BUDGET_S = 150.0
 FIRST_SEED = 1
 
 
+@pytest.mark.slow  # SCHEDULES_BUDGET_S
 def test_seeded_fault_schedules_hold_every_invariant(local_ray):
     start, seed, violations, ran = time.monotonic(), FIRST_SEED, [], []
     while time.monotonic() - start < SCHEDULES_BUDGET_S or len(ran) < 2:

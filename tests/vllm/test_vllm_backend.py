@@ -93,7 +93,10 @@ def rayexec_tp2_then_killed(tiny_llama, tmp_path_factory) -> dict:
                       "--kill-rank", "1", in_process=False)
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
+@pytest.mark.parametrize(("tp", "pp"), [
+    pytest.param(2, 1, id="tp2"), pytest.param(1, 2, id="pp2"),
+    pytest.param(2, 2, id="tp2xpp2", marks=pytest.mark.slow),  # four workers a side
+])
 def test_rayexec_generates_the_same_tokens_as_vllm_mp(tiny_llama, tmp_path, tp, pp):
     reference = run_engine(tiny_llama, tmp_path, "mp", tp, pp)
     ours = run_engine(tiny_llama, tmp_path, "rayexec", tp, pp)

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.vllm
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vllm_throughput.py"
 
 
+@pytest.mark.slow  # four engine starts
 def test_the_throughput_benchmark_runs_two_engine_starts_and_pairs_their_rounds(tmp_path):
     out = tmp_path / "vllm_throughput.json"
     cmd = [sys.executable, str(SCRIPT), "--layouts", "tp2", "--backends", "rayexec,mp",

@@ -90,6 +90,7 @@ def assert_refused(errors: dict[str, str | None], in_process: bool) -> None:
         assert "fetching the weights failed" in killed and "died" in killed, errors
 
 
+@pytest.mark.slow  # three engines per layout
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_collective_rpc_reload_matches_a_fresh_mp_engine_with_the_new_weights(
         checkpoints, tmp_path, tp, pp):
