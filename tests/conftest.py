@@ -40,9 +40,12 @@ def pytest_collection_modifyitems(config, items):
                 reason="vLLM is not installed (pip install -e '.[vllm]')"))
 
 
-# `-m "not slow"` (docs/development.md) leaves out the tests marked slow; a test
-# that takes longer than this here without the mark is named at the end of the run.
-SLOW_S = 60.0
+# `-m "not slow"` (docs/development.md) leaves out the tests marked slow (over a
+# minute here); one that takes longer than this without the mark is named at the end
+# of the run. A minute and a quarter: the same test varies by about a fifth from run
+# to run on this machine (50 and 61 s, 55 and 65 s), and a list that changes with
+# the noise would be ignored.
+SLOW_S = 75.0
 _seconds: dict[str, float] = {}
 _unmarked: set[str] = set()
 

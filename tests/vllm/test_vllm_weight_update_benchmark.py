@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.vllm
+# slow: the module's one benchmark run (its fixture) takes about a minute here.
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vllm_weight_update.py"
 RUN_TIMEOUT_S = 1200
