@@ -1,6 +1,6 @@
 """Shared test set-up: GPU / vLLM markers that skip with a reason, Ray fixtures
 that always shut Ray down, the leak check every integration test ends with, and
-the list of tests that take over a minute without the `slow` mark."""
+the list of tests over `SLOW_S` seconds that lack the `slow` mark."""
 
 from __future__ import annotations
 
