@@ -46,23 +46,21 @@ def pytest_collection_modifyitems(config, items):
 # to run on this machine (50 and 61 s, 55 and 65 s), and a list that changes with
 # the noise would be ignored.
 SLOW_S = 75.0
-_seconds: dict[str, float] = {}
-_unmarked: set[str] = set()
+_unmarked_seconds: dict[str, float] = {}  # setup + call of each test without the mark
 
 
 def pytest_runtest_logreport(report):
-    if report.when in ("setup", "call"):
-        _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
-        if "slow" not in report.keywords:
-            _unmarked.add(report.nodeid)
+    if report.when in ("setup", "call") and "slow" not in report.keywords:
+        seconds = _unmarked_seconds.get(report.nodeid, 0.0)
+        _unmarked_seconds[report.nodeid] = seconds + report.duration
 
 
 def pytest_terminal_summary(terminalreporter):
-    over = sorted((s, n) for n, s in _seconds.items() if n in _unmarked and s > SLOW_S)
+    over = sorted(((s, n) for n, s in _unmarked_seconds.items() if s > SLOW_S), reverse=True)
     if over:
         terminalreporter.write_sep("-", f"over {SLOW_S:.0f} s (setup + call) without "
                                         "@pytest.mark.slow: add it, or make the test faster")
-        for seconds, nodeid in reversed(over):
+        for seconds, nodeid in over:
             terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
 
 
