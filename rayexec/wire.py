@@ -9,7 +9,10 @@ CPU edges rayexec sends every message -- the driver's `(step, batch)`, a stage's
 
     skeleton (pickle) | pad to 64 | tensor bytes | pad | ... | data start | MAGIC
 
-The skeleton takes one of two forms. What a step's edges mostly carry -- a tuple of
+The skeleton takes one of three forms. A message that is one host tensor -- what a
+last stage returns -- has a struct header (dtype code, ndim, shape) and no pickle
+at all (MAGIC_ONE, `_one`): 4 KiB of it packs in about 2.5 us and unpacks in
+1.4, against 3.8 and 2.5-3.5 flattened. What a step's edges mostly carry -- a tuple of
 plain values, host tensors and str-keyed dicts of host tensors -- is flattened into
 one plain pickle of the values plus a table of (offset, dtype, shape) per tensor
 (MAGIC_FLAT, `_flatten`). Anything else is pickled with every plain CPU tensor
@@ -42,6 +45,7 @@ import torch
 
 MAGIC = b"RXF2"  # the skeleton is the message pickled (see _dump)
 MAGIC_FLAT = b"RXF3"  # the skeleton is the message flattened (see _flatten)
+MAGIC_ONE = b"RXF4"  # the message is one host tensor; the skeleton its header (see _one)
 TRAILER = struct.Struct("<Q4s")  # where the tensor data starts, magic
 ALIGN = 64  # tensor data starts on cache-line boundaries
 _ZEROS = bytes(ALIGN)  # padding
@@ -138,6 +142,10 @@ def _dump(message: Any) -> tuple[bytes, list[tuple[torch.Tensor, int]], int, byt
     name shows in the bytes) would not be found by the workers, so those go by
     cloudpickle too, as does everything while a module is registered with
     cloudpickle to go by value."""
+    if type(message) is torch.Tensor:
+        one = _one(message)
+        if one is not None:
+            return one
     flat = _flatten(message)
     if flat is not None:
         return flat
@@ -160,6 +168,32 @@ def _dump(message: Any) -> tuple[bytes, list[tuple[torch.Tensor, int]], int, byt
     pickler.tensors, pickler.size = [], 0
     pickler.dump(message)
     return buf.getvalue(), pickler.tensors, pickler.size, MAGIC
+
+
+_ONE_HEAD = struct.Struct("<BB")  # dtype code, ndim; then ndim int64 sizes
+_ONE_MAX_NDIM = 7  # the header then fits in the ALIGN bytes before the data
+_ONE_HEADS = [struct.Struct(f"<BB{n}q") for n in range(_ONE_MAX_NDIM + 1)]
+_ONE_SHAPES = [struct.Struct(f"<{n}q") for n in range(_ONE_MAX_NDIM + 1)]
+
+
+def _one(t: torch.Tensor) -> tuple[bytes, list[tuple[torch.Tensor, int]], int, bytes] | None:
+    """A message that is one plain host tensor, as `_dump` returns it, with a struct
+    header instead of a pickle; None for what this form does not take (a dtype
+    outside _DTYPES, requires_grad, over _ONE_MAX_NDIM dimensions)."""
+    if not t.is_cpu:
+        raise _OnDevice(t.device)
+    code = _DTYPE_CODES.get(t.dtype)
+    shape = t.shape
+    ndim = len(shape)
+    if code is None or t.requires_grad or ndim > _ONE_MAX_NDIM:
+        return None
+    return _ONE_HEADS[ndim].pack(code, ndim, *shape), [(t, 0)], t.nbytes, MAGIC_ONE
+
+
+def _unpack_one(frame: bytes) -> torch.Tensor:
+    """The tensor `_one` framed, as a view of `frame`."""
+    code, ndim = _ONE_HEAD.unpack_from(frame)
+    return _view(frame, ALIGN, code, _ONE_SHAPES[ndim].unpack_from(frame, _ONE_HEAD.size))
 
 
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})
@@ -245,7 +279,9 @@ def _view(frame: bytes, at: int, code: int, shape: tuple[int, ...]) -> torch.Ten
         count *= n
     if count == 0:
         return torch.empty(shape, dtype=_DTYPE_LIST[code])
-    return torch.frombuffer(frame, dtype=_DTYPE_LIST[code], count=count, offset=at).view(shape)
+    flat = torch.frombuffer(frame, dtype=_DTYPE_LIST[code], count=count, offset=at)
+    # view(*shape) takes 0.9 us where view(shape) takes 1.5; a 0-dim shape needs the tuple
+    return flat.view(*shape) if shape else flat.view(shape)
 
 
 _BY_VALUE_MODULES = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", {"unknown"})
@@ -403,12 +439,14 @@ _POOL = _FramePool()
 def _host_bytes(t: torch.Tensor) -> Any:
     """A buffer over a contiguous host tensor's bytes, without a copy: two attribute
     reads instead of a chain of tensor ops (detach, reshape, view, numpy), which
-    costs 1 us instead of 3 per tensor and step. The buffer does not own the memory:
+    costs 0.3 us instead of 3 per tensor and step. The buffer does not own the memory:
     the caller keeps `t` alive until the bytes are joined."""
     nbytes = t.nbytes
     if nbytes == 0:
         return b""
-    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+    # A ctypes array is a buffer that bytes.join takes as it is (0.2 us; a
+    # memoryview cast of it costs 0.4 more).
+    return (ctypes.c_char * nbytes).from_address(t.data_ptr())
 
 
 _RAY_HANDLES = ("ObjectRef", "ActorHandle")
@@ -482,7 +520,7 @@ class _PartsUnpickler(pickle.Unpickler):
 
 def is_frame(value: Any) -> bool:
     return type(value) is bytes and len(value) >= TRAILER.size and (
-        value.endswith(MAGIC_FLAT) or value.endswith(MAGIC))
+        value.endswith(MAGIC_ONE) or value.endswith(MAGIC_FLAT) or value.endswith(MAGIC))
 
 
 def unpack(value: Any) -> Any:
@@ -491,6 +529,8 @@ def unpack(value: Any) -> Any:
     itself is what pickle reads (no slice of it is made)."""
     if type(value) is not bytes:
         return value
+    if value.endswith(MAGIC_ONE):
+        return _unpack_one(value)
     if value.endswith(MAGIC_FLAT):
         return _unflatten(value)
     if not value.endswith(MAGIC):

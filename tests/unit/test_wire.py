@@ -58,6 +58,36 @@ def test_every_message_round_trips_exactly(message):
     assert_same(message, wire.unpack(frame))
 
 
+@pytest.mark.parametrize("tensor", [
+    torch.arange(4096, dtype=torch.uint8), torch.tensor(2.5), torch.empty(0, 3),
+    torch.randn(4, 6).t(), torch.randn(9).bfloat16().view(3, 3), torch.tensor([True, False]),
+    torch.arange(2 ** 7).view((2,) * 7), torch.arange(2 ** 8).view((2,) * 8),
+], ids=["uint8", "0-dim", "empty", "not-contiguous", "bf16-2d", "bool", "7-dim", "8-dim"])
+def test_a_message_that_is_one_tensor_takes_the_struct_header_form(tensor):
+    """One host tensor (what a last stage returns) travels with a struct header and
+    no pickle, up to _ONE_MAX_NDIM dimensions (the header must fit before the data);
+    more dimensions take the flat form. Either way it comes back exactly, as a view
+    of the frame."""
+    frame = wire.pack(tensor)
+    one = tensor.dim() <= wire._ONE_MAX_NDIM
+    assert frame.endswith(wire.MAGIC_ONE if one else wire.MAGIC_FLAT) and wire.is_frame(frame)
+    got = wire.unpack(frame)
+    assert_same(tensor, got)
+    if tensor.numel():
+        start = ctypes.cast(ctypes.c_char_p(frame), ctypes.c_void_p).value
+        offset = got.data_ptr() - start
+        assert 0 <= offset < len(frame) and offset % wire.ALIGN == 0
+
+
+def test_tensors_the_struct_header_form_cannot_describe_take_the_others():
+    grad = torch.ones(2, requires_grad=True)
+    assert wire.pack(grad).endswith(wire.MAGIC) and wire.unpack(wire.pack(grad)).requires_grad
+    p = torch.nn.Parameter(torch.ones(2))
+    assert isinstance(wire.unpack(wire.pack(p)), torch.nn.Parameter)
+    meta = torch.empty(3, device="meta")
+    assert wire.pack(meta) is meta
+
+
 def test_tensor_data_is_aligned_and_received_as_views_of_the_frame():
     x = {"a": torch.arange(3, dtype=torch.int8), "b": torch.arange(5, dtype=torch.float64)}
     frame = wire.pack(x)
