@@ -217,3 +217,26 @@ def test_idle_park_script_runs_and_parked_workers_use_less_cpu(tmp_path: Path) -
     assert set(rows) == {None, 0.5}
     assert rows[0.5]["idle_cores_settled"] < rows[None]["idle_cores_settled"] - 0.5
     assert all(r["first_step_after_idle_ms"] > 0 for r in rows.values())
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout (--base)")
+def test_wire_ab_script_compares_two_wire_versions_alone_and_in_a_graph(tmp_path: Path) -> None:
+    """benchmarks/wire_ab.py, shortest run, from another directory: both versions of
+    wire.py carry the echo payload back through the graph (the script checks the
+    bytes), and the JSON has every message and size with both versions."""
+    out = tmp_path / "wire_ab.json"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "wire_ab.py"), "--base", "HEAD", "--sizes",
+         "4096", "70000", "--rounds", "2", "--steps", "5", "--number", "50", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    doc = json.loads(out.read_text())
+    assert len(doc["alone"]) == 4 and all(
+        len(row[f"{v}_{op}_us"]) == 2 for row in doc["alone"]
+        for v in ("base", "tree") for op in ("pack", "unpack"))
+    assert [r["payload_bytes"] for r in doc["graph"]] == [4096, 70000]
+    for row in doc["graph"]:
+        assert len(row["base_us"]) == len(row["tree_us"]) == 2 and row["tree_over_base"] > 0
