@@ -28,6 +28,16 @@ TEARDOWN_S = 5.0  # Ray 2.60's teardown can hang after ~1 MiB payloads; then kil
 PROXY_READY_S = 60.0  # the bound on waiting for the graph's proxy actor (dag.await_proxy)
 
 
+def close_graph(compiled: Any, actors: list[Any]) -> None:
+    """Tear a bare compiled graph down, waiting at most TEARDOWN_S, and kill its actors
+    (which releases a teardown still blocked in Ray)."""
+    worker = threading.Thread(target=compiled.teardown, daemon=True)
+    worker.start()
+    worker.join(TEARDOWN_S)
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
 class _BareActor:
     def __init__(self, first: bool, last: bool, tp_rank: int, variant: str) -> None:
         self.first, self.last, self.tp_rank, self.variant = first, last, tp_rank, variant
@@ -81,12 +91,7 @@ class BareChain:
         return outs[0]
 
     def close(self) -> None:
-        worker = threading.Thread(target=self.compiled.teardown, daemon=True)
-        worker.start()
-        worker.join(TEARDOWN_S)
-        for stage in self.actors:
-            for actor in stage:
-                ray.kill(actor, no_restart=True)
+        close_graph(self.compiled, [actor for stage in self.actors for actor in stage])
 
     def __enter__(self) -> BareChain:
         return self

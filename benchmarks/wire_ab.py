@@ -41,12 +41,14 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable a
 import torch  # noqa: E402
 
 import benchmarks  # noqa: E402
+from benchmarks.bare import PROXY_READY_S, close_graph  # noqa: E402
 from benchmarks.echo_worker import EchoWorker  # noqa: E402
 
 RESULT = ROOT / "results" / "latest" / "wire_ab.json"
 PP = 2
 ALONE_BYTES = 4096
 VERSIONS = ("base", "tree")
+STEP_TIMEOUT_S = 60.0  # the bound on one step's result
 
 
 def load_wire(source: str, name: str) -> types.ModuleType:
@@ -119,12 +121,12 @@ class Chain:
             for actor in self.actors:
                 node = actor.step.bind(node)
         self.compiled = node.experimental_compile()
-        await_proxy(self.compiled, 60)
+        await_proxy(self.compiled, PROXY_READY_S)
 
     def execute(self, nbytes: int) -> Any:
         self.step += 1
         frame = self.wire.pack((self.step, nbytes), reuse=True, channel=True)
-        return self.wire.unpack(self.compiled.execute(frame).get(timeout=60))
+        return self.wire.unpack(self.compiled.execute(frame).get(timeout=STEP_TIMEOUT_S))
 
     def median_us(self, nbytes: int, steps: int) -> float:
         for _ in range(30):
@@ -141,11 +143,7 @@ class Chain:
         return statistics.median(times) * 1e6
 
     def close(self) -> None:
-        import ray
-
-        self.compiled.teardown()
-        for actor in self.actors:
-            ray.kill(actor)
+        close_graph(self.compiled, self.actors)
 
 
 def graph(wires: dict[str, Any], srcs: dict[str, str], sizes: list[int], rounds: int,
