@@ -106,6 +106,8 @@ class _Stage:
 
 
 class Chain:
+    """A bare PP=2 x TP=1 compiled graph of `_Stage`s, driven with one version of wire.py."""
+
     def __init__(self, wire: Any, source: str) -> None:
         import ray
         from ray.dag import InputNode

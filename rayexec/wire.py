@@ -170,10 +170,9 @@ def _dump(message: Any) -> tuple[bytes, list[tuple[torch.Tensor, int]], int, byt
     return buf.getvalue(), pickler.tensors, pickler.size, MAGIC
 
 
-_ONE_HEAD = struct.Struct("<BB")  # dtype code, ndim; then ndim int64 sizes
 _ONE_MAX_NDIM = 7  # the header then fits in the ALIGN bytes before the data
+# The header of an n-dim tensor: dtype code, ndim (byte 1), then n int64 sizes.
 _ONE_HEADS = [struct.Struct(f"<BB{n}q") for n in range(_ONE_MAX_NDIM + 1)]
-_ONE_SHAPES = [struct.Struct(f"<{n}q") for n in range(_ONE_MAX_NDIM + 1)]
 
 
 def _one(t: torch.Tensor) -> tuple[bytes, list[tuple[torch.Tensor, int]], int, bytes] | None:
@@ -192,8 +191,8 @@ def _one(t: torch.Tensor) -> tuple[bytes, list[tuple[torch.Tensor, int]], int, b
 
 def _unpack_one(frame: bytes) -> torch.Tensor:
     """The tensor `_one` framed, as a view of `frame`."""
-    code, ndim = _ONE_HEAD.unpack_from(frame)
-    return _view(frame, ALIGN, code, _ONE_SHAPES[ndim].unpack_from(frame, _ONE_HEAD.size))
+    head = _ONE_HEADS[frame[1]].unpack_from(frame)  # (code, ndim, *shape)
+    return _view(frame, ALIGN, head[0], head[2:])
 
 
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})
