@@ -112,6 +112,14 @@ def test_script_quick_run_all_modes(tmp_path: Path) -> None:
     assert model_target["value"] is not None  # measured: PP=2 x TP=1 was in the grid
     for row in doc["comparisons"]:  # echo does no compute: no overhead to report
         assert (row["dag_overhead_frac"] is None) == (row["workload"] == "echo"), row
+    # Every plain-Ray variant ran (the tensor one checked like the rest: a tensor of the
+    # payload's size came back), and the echo rows compare dag with the same-work one.
+    from benchmarks.bare import VARIANTS
+
+    assert {r["channel"] for r in doc["results"] if r["mode"] == "bare"} == set(VARIANTS)
+    for row in doc["comparisons"]:
+        assert (row["dag_over_bare_tensor"] is None) == (row["workload"] != "echo"), row
+    assert "dag/tensor" in proc.stdout
 
 
 def test_missed_target_says_why_and_points_to_the_docs() -> None:

@@ -40,3 +40,28 @@ def test_cross_cell_targets_read_the_default_channel_only():
     assert rpc["value"] == 6.0 and rpc["met"] is True
     text = report.format_verdict(list(verdicts.values()), cores=2)
     assert "difference is rayexec's own per-step work" in text
+
+
+def test_dag_over_the_same_work_bare_variant_says_whose_the_gap_is():
+    # 4 KiB: bytes 480, tensor 520, dag 550 -> dag/bare 1.15 (missed), dag/tensor 1.06
+    records = [rec("dag", "shm", 4096, 550.0), rec("bare", "bytes", 4096, 480.0),
+               rec("bare", "tensor", 4096, 520.0)]
+    row = report.compare(records)[0]
+    assert row["bare_variant"] == "bytes"
+    assert abs(row["dag_over_bare_tensor"] - 550 / 520) < 1e-9
+    assert "dag/tensor" in report.format_table([row]) and "1.06x" in report.format_table([row])
+    worst = next(v for v in report.evaluate_targets([row]) if "bare" in v["name"])
+    assert worst["met"] is False and abs(worst["same_work"] - 550 / 520) < 1e-9
+    text = report.format_verdict([worst], cores=2)
+    assert "dag is at most 1.06x" in text and "not rayexec's own code" in text
+    # Over 1.1x of the same-work chain too: that part is ours, and the verdict says so.
+    row["dag_over_bare_tensor"] = 1.2
+    worst = next(v for v in report.evaluate_targets([row]) if "bare" in v["name"])
+    text = report.format_verdict([worst], cores=2)
+    assert "dag is at most 1.20x, and that much is rayexec's own per-step work" in text
+    # Without the tensor variant in the run, no same-work figure: the plain reason.
+    row = report.compare(records[:2])[0]
+    assert row["dag_over_bare_tensor"] is None
+    worst = next(v for v in report.evaluate_targets([row]) if "bare" in v["name"])
+    assert worst["same_work"] is None
+    assert "difference is rayexec's own per-step work" in report.format_verdict([worst], 2)
