@@ -74,6 +74,13 @@ MODE_ORDER = ("local", "floor", "rpc", "bare", "dag")
 # A cell takes about a minute at most here, setup included; one still running after
 # this prints its threads' stacks (a stall then says where it sits).
 CELL_STACKS_AFTER_S = 300.0
+# Ray 2.60 never frees a torn-down compiled graph's channel buffers (ray-project/ray
+# #43836): a PP=2 x TP=2 executor leaves about 108 MiB in the object store, and a full
+# run here had 5.5 of 7.4 GB in use by its 39th configuration, after which the driver
+# sat for minutes in the kernel (mmap and madvise waiting on its memory map, as the
+# store ran out). So before each configuration that uses Ray, an embedded Ray whose
+# store is more than this full is restarted (a few seconds; counted in the JSON).
+STORE_RESTART_FRACTION = 0.4
 
 
 def parse_size(text: str) -> int:
@@ -138,6 +145,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--driver-threads", type=int, help="torch threads of this driver process "
                    "(default: torch's). Ray turns returned tensors back into torch tensors "
                    "with an OpenMP copy that stalls on a busy CPU; 1 avoids it")
+    p.add_argument("--store-restart-fraction", type=float, default=STORE_RESTART_FRACTION,
+                   help="restart the embedded Ray before a configuration when its object "
+                   "store is more than this full of buffers Ray 2.60 never frees (default "
+                   f"{STORE_RESTART_FRACTION}; 0: before every one; 1: never)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result path (the plot "
                    "goes next to it as .png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the .png")
@@ -152,6 +163,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"need --iters >= 1, --warmup >= 0, --max-seconds > 0, --max-workers >= 1, "
                 f"--repeat >= 1, --driver-threads >= 1; got {args.iters}, {args.warmup}, "
                 f"{args.max_seconds}, {args.max_workers}, {args.repeat}, {args.driver_threads}")
+    if not 0 <= args.store_restart_fraction <= 1:
+        p.error(f"--store-restart-fraction must be within 0..1 (a fraction of the object "
+                f"store); got {args.store_restart_fraction}")
     return args
 
 
@@ -235,6 +249,20 @@ def start_ray(args: argparse.Namespace, cells: list[tuple[int, int]]
     return started, device, niceness
 
 
+def store_fraction() -> float:
+    """How full the connected Ray's object store is (0..1), from the raylets' stats."""
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    capacity = ray.cluster_resources().get("object_store_memory", 0)
+    address = ray.get_runtime_context().gcs_address  # never another cluster on this host
+    for line in memory_summary(address=address, stats_only=True).splitlines():
+        if "Plasma memory usage" in line:  # "Plasma memory usage 38 MiB, 40 objects, ..."
+            used_mib = float(line.split("usage")[1].split("MiB")[0])
+            return used_mib * (1 << 20) / capacity if capacity else 0.0
+    return 0.0
+
+
 def variants(mode: str, workload: str, channels: list[str]) -> list[str | None]:
     """The channels (dag) or Ray-only variants (bare, echo only) a mode runs with."""
     if mode == "dag":
@@ -281,7 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ray_worker_niceness": ray_niceness, "floor_niceness": floor_niceness,
         "driver_torch_threads": torch.get_num_threads(),
         "driver_keeps_freed_memory": keeps_freed_memory,
-        "results": [], "errors": [],
+        "results": [], "errors": [], "ray_restarts": [],
     }
     plan = [(w, pp, tp, m, c) for r in range(args.repeat) for w in args.workloads
             for pp, tp in cells for m in (modes if r % 2 == 0 else modes[::-1])
@@ -291,6 +319,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i, (name, pp, tp, mode, channel) in enumerate(plan, 1):
             workload = Workload(name, tuple(args.payloads), device, args.gpus_per_worker)
             what = f"{mode} {name} PP={pp} x TP={tp}" + (f" [{channel}]" if channel else "")
+            if started_ray and mode in ("dag", "rpc", "bare"):
+                full = store_fraction()
+                if full > args.store_restart_fraction:
+                    print(f"[{i}/{len(plan)}] restarting the embedded Ray: its object store "
+                          f"is {100 * full:.0f}% full of channel buffers Ray never frees "
+                          f"(ray-project/ray#43836)", file=sys.stderr, flush=True)
+                    import ray
+
+                    ray.shutdown()
+                    start_ray(args, cells)
+                    doc["ray_restarts"].append({"before": i, "store_fraction": full})
             # A cell still running after CELL_STACKS_AFTER_S prints every thread's Python
             # stack to stderr (and again each period), so a stall says where it sits.
             faulthandler.dump_traceback_later(CELL_STACKS_AFTER_S, repeat=True)

@@ -188,6 +188,8 @@ def test_payload_sizes_and_bad_flags() -> None:
         pp_tp_latency.parse_args(["--payloads", "lots"])
     with pytest.raises(SystemExit):
         pp_tp_latency.parse_args(["--modes", "dag,fast"])
+    with pytest.raises(SystemExit):
+        pp_tp_latency.parse_args(["--store-restart-fraction", "1.5"])
     args = pp_tp_latency.parse_args(["--quick", "--pp", "4", "--tp", "1,2"])
     cells, skipped = pp_tp_latency.layouts(args)
     assert cells == [(4, 1)] and "8 workers" in skipped[0]
@@ -248,3 +250,31 @@ def test_wire_ab_script_compares_two_wire_versions_alone_and_in_a_graph(tmp_path
     assert [r["payload_bytes"] for r in doc["graph"]] == [4096, 70000]
     for row in doc["graph"]:
         assert len(row["base_us"]) == len(row["tree_us"]) == 2 and row["tree_over_base"] > 0
+
+
+def test_embedded_ray_is_restarted_when_its_store_fills(tmp_path: Path) -> None:
+    """Ray 2.60 keeps every torn-down graph's channel buffers in the object store; the
+    script restarts the Ray it started before a configuration once the store is more
+    than --store-restart-fraction full (0 here: after the first graph), and every
+    configuration still gives its numbers."""
+    out = tmp_path / "restarts.json"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--modes", "bare,dag", "--workloads", "echo", "--pp", "1",
+         "--tp", "1", "--payloads", "4k", "--channels", "shm", "--store-restart-fraction", "0",
+         "--no-plot", "--out", str(out), *FAST],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    doc = json.loads(out.read_text())
+    from benchmarks.bare import VARIANTS
+
+    # Five bare variants and the dag: every configuration after the first finds the
+    # store holding the previous graphs' buffers.
+    assert len(doc["ray_restarts"]) == len(VARIANTS), doc["ray_restarts"]
+    assert all(r["store_fraction"] > 0 for r in doc["ray_restarts"])
+    assert proc.stderr.count("restarting the embedded Ray") == len(VARIANTS)
+    assert {(r["mode"], r["channel"]) for r in doc["results"]} == \
+        {("bare", v) for v in VARIANTS} | {("dag", "shm")}
+    assert doc["errors"] == []
