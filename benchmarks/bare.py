@@ -34,10 +34,15 @@ from rayexec.dag import await_proxy
 VARIANTS = ("dict", "shm", "bytes", "numpy", "tensor")
 TEARDOWN_S = 5.0  # Ray 2.60's teardown can hang after ~1 MiB payloads; then kill
 PROXY_READY_S = 60.0  # the bound on waiting for the graph's proxy actor (dag.await_proxy)
-# The tensor variant's frombuffer of received `bytes` (read-only) warns; a stage owns
-# what it received, as with rayexec's frames (wire.py filters the same warning).
-warnings.filterwarnings("ignore", message="The given buffer is not writable",
-                        category=UserWarning)
+
+
+def _quiet_frombuffer() -> None:
+    """The tensor variant's frombuffer of received `bytes` (read-only) warns; a stage
+    owns what it received, as with rayexec's frames (wire.py filters the same warning).
+    Called in each process: Ray ships this module's classes by value (pp_tp_latency
+    registers `benchmarks` with cloudpickle), so module code does not run in workers."""
+    warnings.filterwarnings("ignore", message="The given buffer is not writable",
+                            category=UserWarning)
 
 
 def close_graph(compiled: Any, actors: list[Any]) -> None:
@@ -54,6 +59,8 @@ class _BareActor:
     def __init__(self, first: bool, last: bool, tp_rank: int, variant: str) -> None:
         self.first, self.last, self.tp_rank, self.variant = first, last, tp_rank, variant
         self.payloads: dict[int, Any] = {}
+        if variant == "tensor":
+            _quiet_frombuffer()
 
     def _payload(self, nbytes: int) -> Any:
         if nbytes not in self.payloads:
@@ -86,6 +93,8 @@ class BareChain:
         if variant not in VARIANTS:
             raise ValueError(f"bare variant {variant!r}: expected one of {VARIANTS}")
         self.variant = variant
+        if variant == "tensor":
+            _quiet_frombuffer()
         from ray.dag import InputNode, MultiOutputNode
 
         actor_cls = ray.remote(num_cpus=0, runtime_env={

@@ -79,7 +79,9 @@ class ExecutorConfig:
     """forward="dag": the compiled graph's channel buffers are sized for messages up
     to this many bytes (a stage's output, the batch, the last stage's result). A
     larger message still arrives, but Ray then grows that channel, a one-time cost
-    whose old buffer Ray keeps until the graph is torn down."""
+    whose old buffer Ray keeps until the graph is torn down. Ray 2.60 keeps the
+    buffers after that too (ray#43836): each shutdown or graph rebuild leaves about
+    this much per channel in the object store (docs/lifecycle.md)."""
     rpc_timeout_s: float | None = None
     """Default timeout of collective_rpc in seconds; None waits forever."""
     health_check_timeout_s: float = 10.0
