@@ -77,9 +77,10 @@ CELL_STACKS_AFTER_S = 300.0
 # Ray 2.60 never frees a torn-down compiled graph's channel buffers (ray-project/ray
 # #43836): a PP=2 x TP=2 executor leaves about 108 MiB in the object store, and a full
 # run here had 5.5 of 7.4 GB in use by its 39th configuration, after which the driver
-# sat for minutes in the kernel (mmap and madvise waiting on its memory map, as the
-# store ran out). So before each configuration that uses Ray, an embedded Ray whose
-# store is more than this full is restarted (a few seconds; counted in the JSON).
+# sat for minutes in the kernel (mmap and madvise waiting on its memory map; every
+# stall came late in a full run). So before each configuration that uses Ray, an
+# embedded Ray whose store is more than this full is restarted (a few seconds; listed
+# in the JSON).
 STORE_RESTART_FRACTION = 0.4
 
 

@@ -271,7 +271,8 @@ def test_embedded_ray_is_restarted_when_its_store_fills(tmp_path: Path) -> None:
     from benchmarks.bare import VARIANTS
 
     # Five bare variants and the dag: every configuration after the first finds the
-    # store holding the previous graphs' buffers.
+    # store holding the previous graphs' buffers (Ray 2.60's leak, ray#43836; a Ray that
+    # frees them fails this count, and the restart is then no longer needed).
     assert len(doc["ray_restarts"]) == len(VARIANTS), doc["ray_restarts"]
     assert all(r["store_fraction"] > 0 for r in doc["ray_restarts"])
     assert proc.stderr.count("restarting the embedded Ray") == len(VARIANTS)
