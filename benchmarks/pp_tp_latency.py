@@ -55,6 +55,7 @@ from benchmarks.runners import (  # noqa: E402
     merge_rounds,
     run_configuration,
 )
+from benchmarks.soak import object_store_mb  # noqa: E402
 
 logger = logging.getLogger("pp_tp_latency")
 
@@ -251,17 +252,11 @@ def start_ray(args: argparse.Namespace, cells: list[tuple[int, int]]
 
 
 def store_fraction() -> float:
-    """How full the connected Ray's object store is (0..1), from the raylets' stats."""
+    """How full the connected Ray's object store is (0..1; NaN when Ray does not say)."""
     import ray
-    from ray._private.internal_api import memory_summary
 
     capacity = ray.cluster_resources().get("object_store_memory", 0)
-    address = ray.get_runtime_context().gcs_address  # never another cluster on this host
-    for line in memory_summary(address=address, stats_only=True).splitlines():
-        if "Plasma memory usage" in line:  # "Plasma memory usage 38 MiB, 40 objects, ..."
-            used_mib = float(line.split("usage")[1].split("MiB")[0])
-            return used_mib * (1 << 20) / capacity if capacity else 0.0
-    return 0.0
+    return object_store_mb() * (1 << 20) / capacity if capacity else 0.0
 
 
 def variants(mode: str, workload: str, channels: list[str]) -> list[str | None]:
