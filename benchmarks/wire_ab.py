@@ -92,8 +92,10 @@ def alone(wires: dict[str, Any], number: int) -> list[dict[str, Any]]:
 class _Stage:
     """One PP stage of the bare chain, with one version of wire.py."""
 
-    def __init__(self, pp_rank: int, source: str) -> None:
-        self.wire = load_wire(source, f"rayexec_wire_ab_{pp_rank}")
+    def __init__(self, pp_rank: int, source: str, module: str) -> None:
+        # The driver's name for this version: what a frame pickles by reference
+        # (wire._ungather) must resolve in every process of the chain.
+        self.wire = load_wire(source, module)
         self.first, self.last = pp_rank == 0, pp_rank == PP - 1
         self.worker = EchoWorker(rank=pp_rank, local_rank=0, world_size=PP, pp_rank=pp_rank,
                                  tp_rank=0, distributed_init_method="", pipeline_parallel_size=PP)
@@ -108,7 +110,7 @@ class _Stage:
 class Chain:
     """A bare PP=2 x TP=1 compiled graph of `_Stage`s, driven with one version of wire.py."""
 
-    def __init__(self, wire: Any, source: str) -> None:
+    def __init__(self, wire: Any, source: str, buffer_size_bytes: int) -> None:
         import ray
         from ray.dag import InputNode
 
@@ -117,12 +119,13 @@ class Chain:
         self.wire, self.step = wire, 0
         stage = ray.remote(num_cpus=0, runtime_env={"env_vars": {"RAY_worker_niceness": "0"}}
                            )(_Stage)
-        self.actors = [stage.remote(pp_rank, source) for pp_rank in range(PP)]
+        self.actors = [stage.remote(pp_rank, source, wire.__name__) for pp_rank in range(PP)]
         with InputNode() as inp:
             node = inp
             for actor in self.actors:
                 node = actor.step.bind(node)
-        self.compiled = node.experimental_compile()
+        # Room for the largest payload, as the executor sizes its channels (max_step_bytes).
+        self.compiled = node.experimental_compile(_buffer_size_bytes=buffer_size_bytes)
         await_proxy(self.compiled, PROXY_READY_S)
 
     def execute(self, nbytes: int) -> Any:
@@ -150,7 +153,8 @@ class Chain:
 
 def graph(wires: dict[str, Any], srcs: dict[str, str], sizes: list[int], rounds: int,
           steps: int) -> list[dict[str, Any]]:
-    chains = {name: Chain(wires[name], srcs[name]) for name in VERSIONS}
+    room = max(sizes) + (1 << 20)  # the frame's header and trailer
+    chains = {name: Chain(wires[name], srcs[name], room) for name in VERSIONS}
     try:
         by = {(name, n): [] for name in VERSIONS for n in sizes}
         for r in range(rounds):

@@ -206,10 +206,15 @@ def test_one_megabyte_tensor_crosses_the_stage_edge_intact(ex):
 
 @pytest.mark.parametrize("mib", [1.5, 5])
 def test_large_inputs_and_intermediates_cross_every_edge_intact(ex, mib):
-    """Above 1 MiB frames go to Ray as msgpack data (one copy, not Ray's six-thread
-    copy): the driver's input, the stage edge and the output all arrive whole, step
-    after step."""
+    """Between 1 MiB and wire.GATHER_MIN_BYTES frames go to Ray as msgpack data (one
+    copy, not Ray's six-thread copy); above it as pickle-5 buffers written from the
+    tensors' memory and joined into a pooled frame by the reader: the driver's
+    input (`blob`) and the stage edge carry them, step after step; stage 1 checks the
+    tensor it received (tests/workers.py) and the output arrives whole."""
+    from rayexec import wire
+
     n = int(mib * (1 << 20)) // 4
+    assert (n * 4 >= wire.GATHER_MIN_BYTES) == (mib == 5)
     blob = torch.arange(n, dtype=torch.float32)
     for _ in range(3):
         out = ex.execute_model({"x": [2.0], "tensor_elems": n, "blob": blob})

@@ -5,8 +5,10 @@ bytes path (no msgpack, no pickle) in its channels."""
 from __future__ import annotations
 
 import ctypes
+import pickle
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,9 +170,11 @@ def test_a_frame_is_rewritten_only_once_nobody_holds_it():
 @pytest.mark.parametrize("mib", [1, 4])
 def test_a_large_frame_reaches_the_reader_whole_and_owned(local_ray, mib):
     """Above 1 MiB a stage's frame is handed to Ray as msgpack bin data (one memcpy,
-    not Ray's six-thread copy). The reader gets the very frame as bytes of its own:
-    holding more outputs than Ray has channel buffers (max_inflight_executions, 10)
-    does not stall the graph, as holding Ray's zero-copy numpy outputs does."""
+    not Ray's six-thread copy); from GATHER_MIN_BYTES up as pickle-5 buffers that Ray
+    writes from the tensors' memory and the reader joins into a frame. Either way
+    the reader gets the very frame as bytes of its own: holding more outputs than Ray
+    has channel buffers (max_inflight_executions, 10) does not stall the graph, as
+    holding Ray's zero-copy numpy outputs does, and a held frame is never reused."""
     import ray
     from ray.dag import InputNode
 
@@ -181,6 +185,7 @@ def test_a_large_frame_reaches_the_reader_whole_and_owned(local_ray, mib):
 
     sent = wire.pack(big_message(1, mib), channel=True)
     assert not isinstance(sent, bytes)  # Ray's msgpack form, not its raw bytes path
+    assert isinstance(sent, wire._Gathered) == (mib == 4)
     stage = Stage.remote()
     with InputNode() as inp:
         graph = stage.step.bind(inp)
@@ -194,6 +199,34 @@ def test_a_large_frame_reaches_the_reader_whole_and_owned(local_ray, mib):
         ray.kill(stage)
     small = wire.pack((1, torch.ones(4)), channel=True)
     assert isinstance(small, bytes)  # below the size: Ray's raw bytes path as before
+
+
+def test_a_gathered_frame_sends_tensor_memory_out_of_band_and_joins_back():
+    """What Ray's pickle-5 writer does with a `_Gathered`: the tensors' bytes go out
+    of band, in pieces of at most GATHER_CHUNK_BYTES (Ray copies larger ones with six
+    threads) and without a copy of them made first, and loading joins them into the
+    frame `pack` makes: into a pooled frame once nobody holds the last one."""
+    message = big_message(5, 4)  # 4 MiB + 2 MiB (a strided view, made contiguous) + 12 B
+    gathered = wire.pack(message, channel=True)
+    t = message[2]["t"]
+    buffers = []
+    inband = pickle.dumps(gathered, protocol=5, buffer_callback=buffers.append)
+    assert len(inband) < 4096 and len(buffers) == 6  # 4 + 2 pieces of 1 MiB; 12 B in band
+    assert all(b.raw().nbytes <= wire.GATHER_CHUNK_BYTES for b in buffers)
+    first = np.frombuffer(buffers[0].raw(), dtype=np.uint8)
+    assert first.ctypes.data == t.data_ptr()  # the tensor's own memory, not a copy
+    views = [b.raw().toreadonly() for b in buffers]  # as Ray hands channel memory back
+    frame = pickle.loads(inband, buffers=views)
+    assert frame == wire.pack(message)
+    assert_same(message, wire.unpack(frame))
+    if wire._RECEIVED.enabled:
+        held = wire.unpack(frame)  # views keep the frame: the next load must not reuse it
+        again = pickle.loads(inband, buffers=views)
+        assert again is not frame and again == frame
+        del held, frame
+        reused = wire._RECEIVED.reused
+        assert pickle.loads(inband, buffers=views) == again  # a released frame, rewritten
+        assert wire._RECEIVED.reused > reused
 
 
 def test_call_arguments_split_into_buffers_come_back_whole_and_shared_stays_shared():
