@@ -41,7 +41,6 @@ import warnings
 from typing import Any
 
 import cloudpickle
-import numpy as np
 import torch
 
 MAGIC = b"RXF2"  # the skeleton is the message pickled (see _dump)
@@ -313,7 +312,7 @@ def pack(message: Any, reuse: bool = False, channel: bool = False) -> Any:
     data_start = head + (-head % ALIGN) if pairs else head
     total = data_start + data_size + TRAILER.size
     if channel and pairs and total >= GATHER_MIN_BYTES:
-        return _gathered(skeleton, pairs, data_start, magic, total)
+        return _gathered(skeleton, pairs, data_start, magic)
     prefix = _MSGPACK_BIN32.pack(0xC6, total) if (
         channel and total > RAY_PARALLEL_COPY_BYTES) else b""
     size = len(prefix) + total
@@ -380,10 +379,10 @@ def _single_copy(prefixed: bytes) -> Any:
 # straight from the tensor's memory (its out-of-band buffers), where a frame costs a
 # copy of the tensors into it and then Ray's copy of the frame. The reader's
 # `_ungather` copies the pieces out of the channel into a frame of its own: one copy,
-# as for a frame (the pieces are views of channel memory that Ray reuses for a later
-# step once they are gone, so nothing may keep them: holding them stalls the graph).
+# as for a frame. (The pieces are views of channel memory that Ray reuses once they
+# are gone, so nothing may keep them: a reader holding them stalls the graph.)
 # Below it the frame wins: Ray's pickle-5 path costs more per message than the copy
-# saves (docs/benchmarks.md, 2026-12-01 and 2026-12-08).
+# saves (docs/benchmarks.md, 2026-12-01 and 2026-12-07, late).
 GATHER_MIN_BYTES = 2 << 20
 GATHER_CHUNK_BYTES = RAY_PARALLEL_COPY_BYTES  # larger buffers get Ray's 6-thread copy
 
@@ -393,16 +392,16 @@ class _Gathered:
     as bytes, each tensor's memory as out-of-band buffers of at most
     GATHER_CHUNK_BYTES. Holds the tensors until Ray has written them."""
 
-    def __init__(self, parts: list[Any], tensors: list[torch.Tensor], total: int) -> None:
-        self.parts, self.tensors, self.total = parts, tensors, total
+    def __init__(self, parts: list[Any], tensors: list[torch.Tensor]) -> None:
+        self.parts, self.tensors = parts, tensors
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _ungather, (self.total, *(p if type(p) is bytes else pickle.PickleBuffer(p)
-                                          for p in self.parts))
+        return _ungather, tuple(p if type(p) is bytes else pickle.PickleBuffer(p)
+                                for p in self.parts)
 
 
 def _gathered(skeleton: bytes, pairs: list[tuple[torch.Tensor, int]], data_start: int,
-              magic: bytes, total: int) -> _Gathered:
+              magic: bytes) -> _Gathered:
     parts: list[Any] = []
     small = [skeleton]  # adjacent small pieces travel as one bytes part
     written = len(skeleton)
@@ -424,26 +423,14 @@ def _gathered(skeleton: bytes, pairs: list[tuple[torch.Tensor, int]], data_start
         written = data_start + offset + t.nbytes
     small.append(TRAILER.pack(data_start, magic))
     parts.append(b"".join(small))
-    return _Gathered([p for p in parts if len(p)], tensors, total)
+    return _Gathered([p for p in parts if len(p)], tensors)
 
 
-def _ungather(total: int, *parts: Any) -> bytes:
-    """The frame a `_Gathered` carried, copied out of Ray's channel into a frame of
-    this process's own: a pooled one when nobody holds it any more (see `_FramePool`;
-    a fresh 16 MiB `bytes` costs its page faults on every step), else a new one."""
-    frame = _RECEIVED.take(total) if _RECEIVED.enabled else None
-    if frame is None:
-        return b"".join(parts)
-    at = id(frame) + _BYTES_DATA_OFFSET
-    for part in parts:
-        if type(part) is bytes:
-            ctypes.memmove(at, part, len(part))
-            at += len(part)
-        else:  # read-only channel memory: ctypes will not take its address, numpy will
-            piece = np.frombuffer(part, dtype=np.uint8)
-            ctypes.memmove(at, piece.ctypes.data, piece.nbytes)
-            at += piece.nbytes
-    return frame
+def _ungather(*parts: Any) -> bytes:
+    """The frame a `_Gathered` carried, copied out of Ray's channel into a `bytes` of
+    this process's own. A fresh one: joining into a pooled frame (as `_FramePool`
+    does for writes) measured 1.06-1.09x slower at 16 MiB (wire_ab, 2026-12-07)."""
+    return b"".join(parts)
 
 
 class _FramePool:
@@ -506,8 +493,7 @@ def _bytes_writable_in_place() -> bool:
         return False
 
 
-_POOL = _FramePool()  # frames this process writes into channels
-_RECEIVED = _FramePool()  # frames this process joins out of channels (_ungather)
+_POOL = _FramePool()
 
 
 def _host_bytes(t: torch.Tensor) -> Any:

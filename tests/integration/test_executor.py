@@ -208,7 +208,7 @@ def test_one_megabyte_tensor_crosses_the_stage_edge_intact(ex):
 def test_large_inputs_and_intermediates_cross_every_edge_intact(ex, mib):
     """Between 1 MiB and wire.GATHER_MIN_BYTES frames go to Ray as msgpack data (one
     copy, not Ray's six-thread copy); above it as pickle-5 buffers written from the
-    tensors' memory and joined into a pooled frame by the reader: the driver's
+    tensors' memory and joined into a frame by the reader: the driver's
     input (`blob`) and the stage edge carry them, step after step; stage 1 checks the
     tensor it received (tests/workers.py) and the output arrives whole."""
     from rayexec import wire
