@@ -24,6 +24,13 @@ the tensors as views of the frame: no copy on the receiving side. A message hold
 a tensor on another device (CUDA, NPU, meta) is not framed: `pack` returns it
 unchanged, and it takes the edge's tensor transport (NCCL, gloo or Ray's shm).
 
+How a frame enters a channel depends on its size (`pack(channel=True)`): up to
+1 MiB as `bytes`; above it as msgpack `bin` data (one memcpy instead of Ray's
+6-thread copy, `RAY_PARALLEL_COPY_BYTES`); from `GATHER_MIN_BYTES` (2 MiB) as a
+`_Gathered`, whose tensors Ray writes into the channel straight from their memory as
+pickle-5 buffers and the reader joins into the same frame (`_ungather`). Whatever
+the path, the reader gets a frame of its own.
+
 Tensors rebuilt from a frame share memory with it. The frame belongs to the step that
 received it, so writing to them in place is safe; it just must not be expected to
 change what the sender holds. Not here: which edges use frames (dag.py decides).
