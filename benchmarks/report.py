@@ -152,6 +152,11 @@ def evaluate_targets(rows: list[Record], channel: str | None = None) -> list[Rec
                    "processes": pp * tp + 1}  # the workers and the driver
         if measure is _worst_over_bare:
             verdict["same_work"] = _worst_over_bare(rows, "dag_over_bare_tensor")
+        if name.startswith("model overhead"):
+            # The no-Ray pipeline of the same workers: what splitting the model into
+            # processes costs here before Ray or rayexec add anything.
+            verdict["floor_frac"] = _value(rows, "floor_overhead_frac", "model", pp, tp)
+            verdict["dag_over_floor"] = _value(rows, "dag_over_floor", "model", pp, tp)
         verdicts.append(verdict)
     return verdicts
 
@@ -169,6 +174,15 @@ def why_missed(verdict: Record, cores: int) -> str:
             return (f"{lead}, so the rest of the gap is turning bytes into tensors and back, "
                     f"which any executor of an engine pays, not rayexec's own code; see {DOCS}")
         return f"{lead}, and that much is rayexec's own per-step work; see {DOCS}"
+    floor_frac, over_floor = verdict.get("floor_frac"), verdict.get("dag_over_floor")
+    if floor_frac is not None and over_floor is not None:
+        lead = (f"the no-Ray pipeline of the same workers (floor) spends {floor_frac:.0%} of "
+                f"its step outside the compute here, and dag is {over_floor:.2f}x the floor")
+        if floor_frac >= verdict["threshold"]:
+            return (f"{lead}: splitting the model into processes on {cores} core(s) costs "
+                    f"that much without Ray or rayexec; see {DOCS}")
+        return (f"{lead}: the part above the floor is Ray's and rayexec's hand-offs; "
+                f"see {DOCS}")
     processes = verdict["processes"]
     if processes > cores:
         return (f"{processes} processes (the workers and the driver) share {cores} core(s); "

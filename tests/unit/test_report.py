@@ -1,5 +1,6 @@
-"""pp_tp_latency's report: the bare column takes the fastest plain-Ray variant, and
-the targets that compare cells (no cliff, worst cell over bare) read the right rows."""
+"""pp_tp_latency's report: the bare column takes the fastest plain-Ray variant, the
+targets that compare cells (no cliff, worst cell over bare) read the right rows, and
+a missed target's "why" line gives the figures that say whose the gap is."""
 
 from __future__ import annotations
 
@@ -65,3 +66,29 @@ def test_dag_over_the_same_work_bare_variant_says_whose_the_gap_is():
     worst = next(v for v in report.evaluate_targets([row]) if "bare" in v["name"])
     assert worst["same_work"] is None
     assert "difference is rayexec's own per-step work" in report.format_verdict([worst], 2)
+
+
+def test_a_missed_model_overhead_says_what_the_no_ray_floor_spends():
+    def model(mode, median):
+        return {**rec(mode, {"dag": "shm", "floor": "shm-eventfd"}.get(mode, "none"), 8192,
+                      median, pp=2, tp=1), "workload": "model"}
+
+    # local 9.5 ms, floor 12.7 (25% outside the compute), dag 13.2: 28%, missed
+    rows = report.compare([model("local", 9500.0), model("floor", 12700.0),
+                           model("dag", 13200.0)])
+    target = next(v for v in report.evaluate_targets(rows) if v["name"].startswith("model"))
+    assert target["met"] is False and abs(target["value"] - 3700 / 13200) < 1e-9
+    assert abs(target["floor_frac"] - 3200 / 12700) < 1e-9
+    text = report.format_verdict([target], cores=2)
+    assert "spends 25% of its step outside the compute here, and dag is 1.04x" in text
+    assert "without Ray or rayexec" in text
+    # A floor under the target: what is left is the hand-offs, and the line says so.
+    rows = report.compare([model("local", 9500.0), model("floor", 11000.0),
+                           model("dag", 13200.0)])
+    target = next(v for v in report.evaluate_targets(rows) if v["name"].startswith("model"))
+    assert "Ray's and rayexec's hand-offs" in report.format_verdict([target], cores=2)
+    # No floor in the run: the plain reason (processes sharing cores).
+    rows = report.compare([model("local", 9500.0), model("dag", 13200.0)])
+    target = next(v for v in report.evaluate_targets(rows) if v["name"].startswith("model"))
+    assert target["floor_frac"] is None
+    assert "share 2 core(s)" in report.format_verdict([target], cores=2)
