@@ -327,20 +327,28 @@ def pack(message: Any, reuse: bool = False, channel: bool = False) -> Any:
     if frame is not None:  # written in place (see _FramePool): the same bytes as below
         _write(id(frame) + _BYTES_DATA_OFFSET, prefix, skeleton, pairs, data_start, magic)
     else:
-        parts: list[Any] = [prefix, skeleton]
-        written = head
-        alive = []  # contiguous copies, kept until joined
-        for t, offset in pairs:
-            if not t.is_contiguous():
-                t = t.contiguous()
-                alive.append(t)
-            parts.append(_ZEROS[:data_start + offset - written])
-            parts.append(_host_bytes(t))
-            written = data_start + offset + t.nbytes
-        parts.append(TRAILER.pack(data_start, magic))
+        parts, alive = _pieces([prefix, skeleton], head, pairs, data_start, magic)
         frame = b"".join(parts)
         del alive
     return _single_copy(frame) if prefix else frame
+
+
+def _pieces(parts: list[Any], written: int, pairs: list[tuple[torch.Tensor, int]],
+            data_start: int, magic: bytes) -> tuple[list[Any], list[torch.Tensor]]:
+    """`parts` (the frame's first `written` bytes) followed by the rest of the frame
+    as buffers, without a copy: zero padding and each tensor's memory in turn, then
+    the trailer. Also the contiguous copies made on the way, which the buffers do not
+    own: the caller keeps them until the buffers are used."""
+    alive = []
+    for t, offset in pairs:
+        if not t.is_contiguous():
+            t = t.contiguous()
+            alive.append(t)
+        parts.append(_ZEROS[:data_start + offset - written])
+        parts.append(_host_bytes(t))
+        written = data_start + offset + t.nbytes
+    parts.append(TRAILER.pack(data_start, magic))
+    return parts, alive
 
 
 def _write(at: int, prefix: bytes, skeleton: bytes, pairs: list[tuple[torch.Tensor, int]],
@@ -409,28 +417,21 @@ class _Gathered:
 
 def _gathered(skeleton: bytes, pairs: list[tuple[torch.Tensor, int]], data_start: int,
               magic: bytes) -> _Gathered:
+    pieces, alive = _pieces([skeleton], len(skeleton), pairs, data_start, magic)
     parts: list[Any] = []
-    small = [skeleton]  # adjacent small pieces travel as one bytes part
-    written = len(skeleton)
-    tensors = []
-    for t, offset in pairs:
-        if not t.is_contiguous():
-            t = t.contiguous()
-        tensors.append(t)
-        small.append(_ZEROS[:data_start + offset - written])
-        view = _host_bytes(t)
-        if len(view) < REUSE_MIN_BYTES:  # a small tensor rides along in band
-            small.append(view)
-        else:
-            view = memoryview(view).cast("B")
-            for at in range(0, len(view), GATHER_CHUNK_BYTES):
-                parts.append(b"".join(small))
-                small = []
-                parts.append(view[at:at + GATHER_CHUNK_BYTES])
-        written = data_start + offset + t.nbytes
-    small.append(TRAILER.pack(data_start, magic))
+    small: list[Any] = []  # adjacent bytes and small tensors travel as one bytes part
+    for piece in pieces:
+        if type(piece) is bytes or len(piece) < REUSE_MIN_BYTES:
+            small.append(piece)
+            continue
+        view = memoryview(piece).cast("B")
+        parts.append(b"".join(small))
+        small = []
+        parts.extend(view[at:at + GATHER_CHUNK_BYTES]
+                     for at in range(0, len(view), GATHER_CHUNK_BYTES))
     parts.append(b"".join(small))
-    return _Gathered([p for p in parts if len(p)], tensors)
+    # The tensors whose memory the buffers are, until Ray has written them.
+    return _Gathered([p for p in parts if len(p)], [t for t, _ in pairs] + alive)
 
 
 def _ungather(*parts: Any) -> bytes:
